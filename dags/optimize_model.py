@@ -1,0 +1,180 @@
+"""
+### optimize_model — make a language model cheaper to serve
+
+Takes a Hugging Face causal LM (packaged SmolLM2-135M-Instruct by default, or a local folder,
+`s3://…`, `models:/name@alias`), then:
+
+1. **ingest_model** → fp32 safetensors folder + content hash
+2. **validate_data** → news text split train/eval/calib, Great Expectations suite (bad data stops here)
+3. **baseline** → teacher perplexity, size, latency, tokens/s
+4. **distill** → shallower student trained with knowledge distillation (resumes from checkpoints)
+5. **prune** → structured MLP pruning (matrices really shrink)
+6. **export** / **quantize** → ONNX with KV cache (parity-checked) and ONNX Runtime INT8
+7. **evaluate** → the candidate measured exactly like the baseline
+8. **quality_gate** → perplexity ratio, speedup, size; a failure stops before the registry
+9. **register** → MLflow run + model version, alias `challenger`, lineage tags
+10. **deploy** → versioned Triton repository, dynamic batching + response cache, load
+11. **smoke_test** → generate through Triton; success moves alias `champion`, failure rolls back
+12. **report** → JSON + Markdown, logged to MLflow and written to the state folder
+
+Every task is a thin wrapper over a function in `tasks/pipeline.py`; outputs are published
+per run id, so a retried task finds its finished work. Pick `profile=quick` (default, CPU),
+`ci` (smallest real run) or `full` (quality, GPU recommended).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, task
+
+DEFAULT_ARGS = {
+    "owner": "trimflow",
+    "retries": 1,
+    "retry_delay": timedelta(seconds=30),
+    "execution_timeout": timedelta(hours=6),
+}
+
+PARAMS = {
+    "profile": Param("quick", enum=["quick", "ci", "full"], title="Profile",
+                     description="Preset sizes: quick (CPU, minutes), ci (smallest real run), full (quality)."),
+    "source": Param("smollm2", type="string", minLength=1, title="Model source",
+                    description="smollm2 | local HF folder | s3://bucket/prefix | models:/name@alias | pkg:<package>/<file>"),
+    "techniques": Param(["distill", "prune", "quantize"], type="array",
+                        items={"type": "string", "enum": ["distill", "prune", "quantize"]},
+                        title="Techniques", description="Applied in pipeline order; unchecked ones pass through."),
+    "registered_model": Param("trimflow-smollm2", type="string", pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+                              title="Registered model name"),
+    "data_source": Param(None, type=["null", "string"], title="Data source",
+                         description="Empty for the packaged news corpus, or a folder with train.jsonl/eval.jsonl."),
+    "student_layers": Param(None, type=["null", "integer"], minimum=1, title="Student layers"),
+    "distill_steps": Param(None, type=["null", "integer"], minimum=0, title="Distillation steps"),
+    "prune_ratio": Param(None, type=["null", "number"], minimum=0, exclusiveMaximum=1, title="MLP prune ratio"),
+    "max_ppl_ratio": Param(None, type=["null", "number"], exclusiveMinimum=0, title="Gate: max perplexity ratio"),
+    "min_speedup": Param(None, type=["null", "number"], minimum=0, title="Gate: min decode speedup"),
+    "max_size_mb": Param(None, type=["null", "number"], exclusiveMinimum=0, title="Gate: max size (MB)"),
+    "deploy_target": Param("local", enum=["local", "none"], title="Deploy target",
+                           description="local: Triton on this machine; none: register only."),
+    "model_name": Param("trimflow_llm", type="string", pattern=r"^[A-Za-z0-9_-]{1,64}$", title="Triton model name"),
+}
+
+
+@dag(
+    dag_id="optimize_model",
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["trimflow", "optimize", "llm"],
+    doc_md=__doc__,
+    render_template_as_native_obj=True,
+)
+def optimize_model():
+    @task
+    def resolve_config(params: dict | None = None) -> dict:
+        """Validate the Params form into the typed config every task receives."""
+        from tasks import pipeline
+
+        return pipeline.resolve_config({k: v for k, v in (params or {}).items()})
+
+    @task
+    def ingest_model(conf: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.ingest_model(conf, run_id)
+
+    @task
+    def validate_data(conf: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.validate_data(conf, run_id)
+
+    @task
+    def baseline(conf: dict, model: dict, data: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.baseline(conf, run_id, model, data)
+
+    @task
+    def distill(conf: dict, model: dict, data: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.distill(conf, run_id, model, data)
+
+    @task
+    def prune(conf: dict, student: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.prune(conf, run_id, student)
+
+    @task
+    def export(conf: dict, pruned: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.export(conf, run_id, pruned)
+
+    @task
+    def quantize(conf: dict, exported: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.quantize(conf, run_id, exported)
+
+    @task
+    def evaluate(conf: dict, candidate: dict, data: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.evaluate_candidate(conf, run_id, candidate, data)
+
+    @task(retries=0)  # a failed gate is a verdict, not a flake
+    def quality_gate(conf: dict, teacher: dict, candidate: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.quality_gate(conf, run_id, teacher, candidate)
+
+    @task
+    def register(conf: dict, model: dict, data: dict, exported: dict, candidate: dict, teacher: dict,
+                 measured: dict, verdict: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.register(conf, run_id, model, data, exported, candidate, teacher, measured, verdict)
+
+    @task
+    def deploy(conf: dict, registered: dict, candidate: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.deploy(conf, run_id, registered, candidate)
+
+    @task(retries=0)  # the smoke test rolls back on failure; retrying would test the old version
+    def smoke_test(conf: dict, registered: dict, deployed: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.smoke_test(conf, run_id, registered, deployed)
+
+    @task
+    def report(conf: dict, model: dict, data: dict, teacher: dict, measured: dict, verdict: dict,
+               registered: dict, deployed: dict, smoke: dict, run_id: str | None = None) -> dict:
+        from tasks import pipeline
+
+        return pipeline.report(conf, run_id, model=model, data=data, teacher=teacher, candidate=measured,
+                               verdict=verdict, registered=registered, deployed=deployed, smoke=smoke)
+
+    conf = resolve_config()
+    model = ingest_model(conf)
+    data = validate_data(conf)
+    teacher = baseline(conf, model, data)
+    student = distill(conf, model, data)
+    # The teacher is timed alone: a concurrent distillation would slow it and inflate the speedup.
+    teacher >> student
+    pruned = prune(conf, student)
+    exported = export(conf, pruned)
+    candidate = quantize(conf, exported)
+    measured = evaluate(conf, candidate, data)
+    verdict = quality_gate(conf, teacher, measured)
+    registered = register(conf, model, data, exported, candidate, teacher, measured, verdict)
+    deployed = deploy(conf, registered, candidate)
+    smoke = smoke_test(conf, registered, deployed)
+    report(conf, model, data, teacher, measured, verdict, registered, deployed, smoke)
+
+
+optimize_model()

@@ -1,0 +1,333 @@
+"""The optimize pipeline as plain functions, one per DAG task.
+
+Each function takes the validated config (as the JSON dict passed between tasks), the
+pipeline run id and the small result dicts of its upstream tasks; it does its work through
+``run_step`` (idempotent, atomically published) and returns a small JSON-able dict. The
+Airflow DAG only wires these together; ``tasks.cli`` runs them in order without Airflow.
+
+    conf = resolve_config({"profile": "quick"})
+    model = ingest_model(conf, "run-1"); data = validate_data(conf, "run-1")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tasks.config import OptimizeConfig
+from tasks.settings import Settings
+from tasks.steps import run_step, safe_run_id, step_dir, store_from_settings
+
+log = logging.getLogger(__name__)
+
+
+def _cfg(conf: dict[str, Any]) -> OptimizeConfig:
+    return OptimizeConfig.model_validate(conf)
+
+
+def _ctx(run_id: str):
+    settings = Settings.from_env()
+    return settings, store_from_settings(settings), safe_run_id(run_id)
+
+
+def prompts_from(texts: list[str], n: int, chars: int = 160) -> list[str]:
+    """Latency prompts: the opening of the first ``n`` held-out documents, cut at a word boundary."""
+    out = []
+    for t in texts[:n]:
+        cut = t[:chars]
+        out.append(cut[: cut.rfind(" ")] if " " in cut else cut)
+    return out
+
+
+# -- 0. config --------------------------------------------------------------------------------
+def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate the trigger's Params into an ``OptimizeConfig`` (fails before any work)."""
+    return OptimizeConfig.from_params(params).model_dump(mode="json")
+
+
+# -- 1. ingest ----------------------------------------------------------------------------------
+def ingest_model(conf: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Resolve the source, convert it to an fp32 HF folder (cached) and publish it by content hash."""
+    from tasks import ingest
+
+    cfg = _cfg(conf)
+    settings, store, rid = _ctx(run_id)
+
+    def work(out: Path) -> dict[str, Any]:
+        folder, info = ingest.materialize(cfg.source, settings.cache_dir, settings.s3_endpoint_url)
+        if info["kind"] != "causal_lm":
+            from tasks.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"the optimize DAG needs a causal LM; {cfg.source} is a {info['kind']}")
+        key = f"models/{info['content_hash'][:24]}"
+        if not store.exists(key):
+            tmp = settings.scratch_dir / f".publish-{info['content_hash'][:12]}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _link_tree(folder, tmp)
+            store.publish(tmp, key)
+        return info | {"model_uri": store.uri(key)}
+
+    return run_step(store, rid, "ingest", {"source": cfg.source}, work)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a folder (a copy where links are impossible): converted models are hundreds of MB."""
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+# -- 2. data --------------------------------------------------------------------------------------
+def validate_data(conf: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Prepare the splits, then run the Great Expectations suite; bad data stops the run here."""
+    from tasks import data, data_checks
+
+    cfg = _cfg(conf)
+    settings, store, rid = _ctx(run_id)
+
+    def work(out: Path) -> dict[str, Any]:
+        info = data.prepare(cfg.data, out)
+        report = settings.reports_dir / rid / "data_validation.json"
+        checks = data_checks.validate(out, cfg.data, report)
+        return info | {"validation": checks}
+
+    return run_step(store, rid, "data", cfg.data, work)
+
+
+def model_path(store, result: dict[str, Any]) -> Path:
+    """Local folder of the model a step result points at (``uri`` plus optional ``subdir``)."""
+    base = step_dir(store, result.get("model_uri") or result["uri"])
+    return base / result["subdir"] if result.get("subdir") else base
+
+
+def _texts(store, data_result: dict[str, Any], split: str) -> list[str]:
+    from tasks.data import read_split
+
+    return read_split(step_dir(store, data_result["uri"]), split)
+
+
+# -- 3. baseline & 7. evaluate ----------------------------------------------------------------
+def baseline(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_result: dict[str, Any]) -> dict[str, Any]:
+    """Teacher quality and cost, measured by the same code that later measures the candidate."""
+    from tasks import evaluate
+
+    cfg = _cfg(conf)
+    _, store, rid = _ctx(run_id)
+    teacher_dir = step_dir(store, model["model_uri"])
+    texts = _texts(store, data_result, "eval")
+
+    def work(out: Path) -> dict[str, Any]:
+        return evaluate.measure(evaluate.TorchRunner(teacher_dir, threads=cfg.eval.threads), cfg.eval, texts,
+                                prompts_from(texts, cfg.eval.latency_prompts))
+
+    return run_step(store, rid, "baseline", {"eval": cfg.eval.model_dump(), "model": model["content_hash"],
+                                             "data": data_result["data_hash"]}, work)
+
+
+def evaluate_candidate(conf: dict[str, Any], run_id: str, candidate: dict[str, Any],
+                       data_result: dict[str, Any]) -> dict[str, Any]:
+    """The candidate measured exactly like the baseline, in the same run."""
+    from tasks import evaluate
+
+    cfg = _cfg(conf)
+    _, store, rid = _ctx(run_id)
+    cand_dir = model_path(store, candidate)
+    texts = _texts(store, data_result, "eval")
+
+    def work(out: Path) -> dict[str, Any]:
+        return evaluate.measure(evaluate.OrtRunner(cand_dir, threads=cfg.eval.threads), cfg.eval, texts,
+                                prompts_from(texts, cfg.eval.latency_prompts))
+
+    return run_step(store, rid, "evaluate", {"eval": cfg.eval.model_dump(), "candidate": candidate["uri"],
+                                             "data": data_result["data_hash"]}, work)
+
+
+# -- 4-6. distill, prune, export, quantize ------------------------------------------------------
+def distill(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_result: dict[str, Any]) -> dict[str, Any]:
+    """Knowledge-distil a shallower student; passes the teacher through when not selected."""
+    from tasks import distill as distill_mod
+    from tasks.steps import scratch_resume_dir
+
+    cfg = _cfg(conf)
+    _, store, rid = _ctx(run_id)
+    if "distill" not in cfg.techniques:
+        return {"uri": model["model_uri"], "skipped": True}
+    teacher_dir = step_dir(store, model["model_uri"])
+    train = _texts(store, data_result, "train")
+
+    def work(out: Path) -> dict[str, Any]:
+        return distill_mod.distill(cfg.distill, teacher_dir, train, out,
+                                   resume_dir=scratch_resume_dir(store, rid, "distill"))
+
+    return run_step(store, rid, "distill", {"distill": cfg.distill.model_dump(), "teacher": model["content_hash"],
+                                            "data": data_result["data_hash"]}, work)
+
+
+def prune(conf: dict[str, Any], run_id: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    """Structured MLP pruning; passes through when not selected."""
+    from tasks import prune as prune_mod
+
+    cfg = _cfg(conf)
+    _, store, rid = _ctx(run_id)
+    if "prune" not in cfg.techniques or cfg.prune.mlp_ratio == 0:
+        return {"uri": upstream["uri"], "skipped": True}
+    src = step_dir(store, upstream["uri"])
+    return run_step(store, rid, "prune", {"prune": cfg.prune.model_dump(), "input": upstream["uri"]},
+                    lambda out: prune_mod.prune_mlp(cfg.prune, src, out))
+
+
+def export(conf: dict[str, Any], run_id: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    """ONNX export with a KV cache; fails loudly if logits differ from PyTorch beyond ``export.atol``."""
+    from tasks import export as export_mod
+
+    cfg = _cfg(conf)
+    _, store, rid = _ctx(run_id)
+    src = step_dir(store, upstream["uri"])
+
+    def work(out: Path) -> dict[str, Any]:
+        info = export_mod.export_causal_lm(src, out / "onnx", cfg.export)
+        _link_tree(src, out / "hf")  # the PyTorch form travels with the export for registration
+        return info
+
+    return run_step(store, rid, "export", {"export": cfg.export.model_dump(), "input": upstream["uri"]}, work)
+
+
+def quantize(conf: dict[str, Any], run_id: str, exported: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime dynamic INT8; passes the fp32 export through when not selected."""
+    from tasks import quantize as quantize_mod
+
+    cfg = _cfg(conf)
+    _, store, rid = _ctx(run_id)
+    if "quantize" not in cfg.techniques:
+        return {"uri": exported["uri"], "subdir": "onnx", "skipped": True, "size_bytes": exported["size_bytes"]}
+    src = step_dir(store, exported["uri"]) / "onnx"
+    return run_step(store, rid, "quantize", {"quantize": cfg.quantize.model_dump(), "input": exported["uri"]},
+                    lambda out: quantize_mod.quantize_dynamic_int8(cfg.quantize, src, out))
+
+
+# -- 8. quality gate --------------------------------------------------------------------------------
+def quality_gate(conf: dict[str, Any], run_id: str, teacher: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Thresholds from Params; a failure names every failed gate and the report path."""
+    from tasks import gates
+
+    cfg = _cfg(conf)
+    settings, _, rid = _ctx(run_id)
+    return gates.check(cfg.gates, teacher, candidate, settings.reports_dir / rid / "quality_gate.json")
+
+
+# -- 9. register -------------------------------------------------------------------------------------
+def flat_params(cfg: OptimizeConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = obj
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+def metrics_of(teacher: dict[str, Any], candidate: dict[str, Any], verdict: dict[str, Any] | None = None) -> dict[str, float]:
+    keys = ("perplexity", "size_bytes", "latency_ms_p50", "latency_ms_p95", "tokens_per_s", "ttft_ms_p50")
+    m = {f"teacher_{k}": teacher[k] for k in keys if isinstance(teacher.get(k), (int, float))}
+    m |= {f"student_{k}": candidate[k] for k in keys if isinstance(candidate.get(k), (int, float))}
+    if verdict:
+        m |= {f"ratio_{k}": v for k, v in verdict["ratios"].items()}
+    return m
+
+
+def register(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_result: dict[str, Any],
+             exported: dict[str, Any], candidate: dict[str, Any], teacher_metrics: dict[str, Any],
+             candidate_metrics: dict[str, Any], verdict: dict[str, Any]) -> dict[str, Any]:
+    """A new MLflow model version with alias ``challenger`` and lineage tags."""
+    from tasks import registry
+
+    cfg = _cfg(conf)
+    settings, store, rid = _ctx(run_id)
+    report_dir = settings.reports_dir / rid
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
+    artifacts = [p for p in (report_dir / "config.json", report_dir / "quality_gate.json",
+                             report_dir / "data_validation.json") if p.is_file()]
+    tags = {
+        "trimflow.teacher_hash": model["content_hash"],
+        "trimflow.source": cfg.source,
+        "trimflow.data_hash": data_result["data_hash"],
+        "trimflow.recipe": ",".join(cfg.techniques),
+        "trimflow.profile": cfg.profile,
+        "trimflow.config_digest": cfg.digest(),
+    }
+    req = registry.RegisterRequest(
+        name=cfg.registered_model, run_id=rid, onnx_dir=model_path(store, candidate),
+        hf_dir=step_dir(store, exported["uri"]) / "hf", params=flat_params(cfg),
+        metrics=metrics_of(teacher_metrics, candidate_metrics, verdict), tags=tags, artifacts=artifacts)
+    return registry.register(req, settings.mlflow_tracking_uri)
+
+
+# -- 12. report --------------------------------------------------------------------------------------
+def report(conf: dict[str, Any], run_id: str, *, model: dict[str, Any], data: dict[str, Any], teacher: dict[str, Any],
+           candidate: dict[str, Any], verdict: dict[str, Any], registered: dict[str, Any], deployed: dict[str, Any],
+           smoke: dict[str, Any], steps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON + Markdown summary, written to the state folder and logged to the MLflow run."""
+    from tasks import registry
+    from tasks import report as report_mod
+
+    cfg = _cfg(conf)
+    settings, store, rid = _ctx(run_id)
+    cost = {
+        "basis": f"{cfg.cost.node} at ${cfg.cost.usd_per_hour}/h, batch-1 decode",
+        "teacher_usd_per_1m_tokens": report_mod.cost_per_million_tokens(teacher, cfg.cost.usd_per_hour),
+        "student_usd_per_1m_tokens": report_mod.cost_per_million_tokens(candidate, cfg.cost.usd_per_hour),
+    }
+    doc = {
+        "run_id": rid,
+        "source": cfg.source,
+        "profile": cfg.profile,
+        "techniques": list(cfg.techniques),
+        "config": conf,
+        "teacher_hash": model.get("content_hash"),
+        "data": {k: data.get(k) for k in ("source", "counts", "dropped", "data_hash")},
+        "teacher": teacher,
+        "student": candidate,
+        "gates": verdict,
+        "cost": cost,
+        "steps": steps or _step_summaries(store, rid),
+        "registered_model": {k: registered.get(k) for k in ("name", "version", "aliases", "mlflow_run_id")},
+        "triton": deployed,
+        "smoke_test": smoke,
+    }
+    # Aliases moved after registration (champion); read them fresh.
+    doc["registered_model"]["aliases"] = next(
+        (v["aliases"] for v in registry.versions(settings.mlflow_tracking_uri, registered["name"])
+         if v["version"] == registered["version"]), registered.get("aliases"))
+    paths = report_mod.write(doc, settings.reports_dir / rid)
+    if registered.get("mlflow_run_id"):
+        registry.log_run_artifacts(settings.mlflow_tracking_uri, registered["mlflow_run_id"],
+                                   [Path(paths["json"]), Path(paths["markdown"])],
+                                   {"cost_usd_per_1m_tokens_teacher": cost["teacher_usd_per_1m_tokens"],
+                                    "cost_usd_per_1m_tokens_student": cost["student_usd_per_1m_tokens"]})
+    return {"report": paths, "registered_model": doc["registered_model"]}
+
+
+def _step_summaries(store, rid: str) -> dict[str, Any]:
+    """One line per published step: what it produced and how long it took."""
+    out: dict[str, Any] = {}
+    for step in ("ingest", "data", "baseline", "distill", "prune", "export", "quantize", "evaluate"):
+        key = f"{rid}/{step}"
+        if not store.exists(key):
+            continue
+        res = json.loads((store.fetch(key) / "result.json").read_text())
+        keep = {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("run_id", "step", "uri")}
+        out[step] = keep
+    return out
