@@ -212,7 +212,8 @@ class ModelConfigSpec:
         if len(set(names)) != len(names):
             raise ConfigError("model.inputs/outputs", names, "tensor names must be unique")
         if any(t.optional for t in self.outputs):
-            raise ConfigError("model.outputs", [t.name for t in self.outputs if t.optional], "outputs cannot be optional")
+            raise ConfigError("model.outputs", [t.name for t in self.outputs if t.optional],
+                              "outputs cannot be optional")
         if self.dynamic_batching is not None:
             if self.max_batch_size == 0:
                 raise ConfigError("model.dynamic_batching", self.dynamic_batching, "needs max_batch_size > 0")
@@ -305,7 +306,8 @@ class ModelConfigSpec:
                     acc.append(f"    {field_name}: [\n" + ",\n".join(_accelerator(a) for a in items) + "\n    ]")
             lines.append("optimization {\n  execution_accelerators {\n" + "\n".join(acc) + "\n  }\n}")
         for key in sorted(self.parameters):
-            lines.append(f"parameters: {{ key: {_quote(key)} value: {{ string_value: {_quote(self.parameters[key])} }} }}")
+            value = _quote(self.parameters[key])
+            lines.append(f"parameters: {{ key: {_quote(key)} value: {{ string_value: {value} }} }}")
         return "\n".join(lines) + "\n"
 
 
@@ -313,7 +315,8 @@ def _tensors(kind: str, tensors: tuple[TensorSpec, ...]) -> list[str]:
     items = []
     for t in tensors:
         opt = " optional: true" if t.optional else ""
-        items.append(f"  {{ name: {_quote(t.name)} data_type: {t.dtype} dims: [ {', '.join(map(str, t.dims))} ]{opt} }}")
+        dims = ", ".join(map(str, t.dims))
+        items.append(f"  {{ name: {_quote(t.name)} data_type: {t.dtype} dims: [ {dims} ]{opt} }}")
     return [f"{kind} [\n" + ",\n".join(items) + "\n]"]
 
 

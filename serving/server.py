@@ -141,7 +141,8 @@ def _probe_runtime(serving_python: Path) -> _Runtime:
     if not serving_python.exists():
         raise ServingError(f"serving interpreter {serving_python} does not exist (set TRIMFLOW_SERVING_PYTHON)")
     code = ("import json, sys, sysconfig; "
-            "print(json.dumps({'purelib': sysconfig.get_paths()['purelib'], 'libdir': sysconfig.get_config_var('LIBDIR'),"
+            "print(json.dumps({'purelib': sysconfig.get_paths()['purelib'],"
+            " 'libdir': sysconfig.get_config_var('LIBDIR'),"
             " 'version': f'{sys.version_info[0]}.{sys.version_info[1]}'}))")
     try:
         out = subprocess.run([str(serving_python), "-c", code], capture_output=True, text=True, check=True, timeout=60)
@@ -245,7 +246,8 @@ class LocalTriton:
                "--allow-gpu-metrics=false",
                f"--exit-timeout-secs={c.exit_timeout_s}", f"--log-verbose={c.log_verbose}"]
         if c.response_cache_bytes > 0:
-            cmd += [f"--cache-directory={c.state_dir / 'caches'}", f"--cache-config=local,size={c.response_cache_bytes}"]
+            cmd += [f"--cache-directory={c.state_dir / 'caches'}",
+                    f"--cache-config=local,size={c.response_cache_bytes}"]
         if c.model_control_mode == "poll":
             cmd.append("--repository-poll-secs=2")
         cmd += [f"--load-model={m}" for m in c.load_models]
@@ -303,7 +305,8 @@ class LocalTriton:
         self._cleanup_handles()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = self.log_file.open("ab")
-        self._log_handle.write(f"\n=== trimflow: starting tritonserver {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._log_handle.write(f"\n=== trimflow: starting tritonserver {stamp} ===\n".encode())
         self._log_handle.flush()
         cmd = self.command(runtime)
         log.info("starting %s", " ".join(cmd))

@@ -25,7 +25,8 @@ def _ort_gpu() -> ModelConfigSpec:
         inputs=(TensorSpec("input_ids", "INT64", (-1,)),), outputs=(TensorSpec("logits", "TYPE_FP32", (-1, -1)),),
         dynamic_batching=DynamicBatching(max_queue_delay_microseconds=100),
         instance_groups=(InstanceGroup(1, "KIND_GPU", (0, 1)),), version_policy=VersionPolicy.latest(2),
-        gpu_accelerators=(Accelerator("tensorrt", {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}),),
+        gpu_accelerators=(Accelerator("tensorrt", {"precision_mode": "FP16",
+                                                   "max_workspace_size_bytes": "1073741824"}),),
         default_model_filename="model.int8.onnx")
 
 

@@ -51,7 +51,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         cfg = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        providers = [p.strip() for p in _param(cfg, "execution_providers", "CPUExecutionProvider").split(",") if p.strip()]
+        names = _param(cfg, "execution_providers", "CPUExecutionProvider").split(",")
+        providers = [p.strip() for p in names if p.strip()]
         lm = OnnxCausalLM(version_dir, threads=int(_param(cfg, "intra_op_threads", "1")), providers=providers)
         self.setup(lm, default_max_tokens=int(_param(cfg, "default_max_tokens", "16")),
                    max_tokens_limit=int(_param(cfg, "max_tokens_limit", "256")))
@@ -155,7 +156,8 @@ class TritonPythonModel:
             outcome = errors.get(index) or results.get(index, [])
             if isinstance(outcome, Exception):
                 # pb_utils.TritonError goes back to that client only; the stub and the server stay up.
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(outcome, RequestError) else pb_utils.TritonError.INTERNAL
+                bad_input = isinstance(outcome, RequestError)
+                code = pb_utils.TritonError.INVALID_ARG if bad_input else pb_utils.TritonError.INTERNAL
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(f"{type(outcome).__name__}: {outcome}", code)))
                 continue
