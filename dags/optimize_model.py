@@ -59,6 +59,21 @@ PARAMS = {
 }
 
 
+def _step(name: str, *args, **kwargs):
+    """Call ``tasks.pipeline.<name>``; a final verdict (bad data, failed gate) fails without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks import pipeline
+    from tasks.errors import TrimflowError
+
+    try:
+        return getattr(pipeline, name)(*args, **kwargs)
+    except TrimflowError as e:
+        if e.retryable:
+            raise
+        raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+
+
 @dag(
     dag_id="optimize_model",
     schedule=None,
@@ -74,89 +89,61 @@ def optimize_model():
     @task
     def resolve_config(params: dict | None = None) -> dict:
         """Validate the Params form into the typed config every task receives."""
-        from tasks import pipeline
-
-        return pipeline.resolve_config({k: v for k, v in (params or {}).items()})
+        return _step("resolve_config", dict(params or {}))
 
     @task
     def ingest_model(conf: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.ingest_model(conf, run_id)
+        return _step("ingest_model", conf, run_id)
 
     @task
     def validate_data(conf: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.validate_data(conf, run_id)
+        return _step("validate_data", conf, run_id)
 
     @task
     def baseline(conf: dict, model: dict, data: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.baseline(conf, run_id, model, data)
+        return _step("baseline", conf, run_id, model, data)
 
     @task
     def distill(conf: dict, model: dict, data: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.distill(conf, run_id, model, data)
+        return _step("distill", conf, run_id, model, data)
 
     @task
     def prune(conf: dict, student: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.prune(conf, run_id, student)
+        return _step("prune", conf, run_id, student)
 
     @task
     def export(conf: dict, pruned: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.export(conf, run_id, pruned)
+        return _step("export", conf, run_id, pruned)
 
     @task
-    def quantize(conf: dict, exported: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.quantize(conf, run_id, exported)
+    def quantize(conf: dict, exported: dict, data: dict, run_id: str | None = None) -> dict:
+        return _step("quantize", conf, run_id, exported, data)
 
     @task
     def evaluate(conf: dict, candidate: dict, data: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.evaluate_candidate(conf, run_id, candidate, data)
+        return _step("evaluate_candidate", conf, run_id, candidate, data)
 
     @task(retries=0)  # a failed gate is a verdict, not a flake
     def quality_gate(conf: dict, teacher: dict, candidate: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.quality_gate(conf, run_id, teacher, candidate)
+        return _step("quality_gate", conf, run_id, teacher, candidate)
 
     @task
     def register(conf: dict, model: dict, data: dict, exported: dict, candidate: dict, teacher: dict,
                  measured: dict, verdict: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.register(conf, run_id, model, data, exported, candidate, teacher, measured, verdict)
+        return _step("register", conf, run_id, model, data, exported, candidate, teacher, measured, verdict)
 
     @task
     def deploy(conf: dict, registered: dict, candidate: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.deploy(conf, run_id, registered, candidate)
+        return _step("deploy", conf, run_id, registered, candidate)
 
     @task(retries=0)  # the smoke test rolls back on failure; retrying would test the old version
     def smoke_test(conf: dict, registered: dict, deployed: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.smoke_test(conf, run_id, registered, deployed)
+        return _step("smoke_test", conf, run_id, registered, deployed)
 
     @task
     def report(conf: dict, model: dict, data: dict, teacher: dict, measured: dict, verdict: dict,
                registered: dict, deployed: dict, smoke: dict, run_id: str | None = None) -> dict:
-        from tasks import pipeline
-
-        return pipeline.report(conf, run_id, model=model, data=data, teacher=teacher, candidate=measured,
+        return _step("report", conf, run_id, model=model, data=data, teacher=teacher, candidate=measured,
                                verdict=verdict, registered=registered, deployed=deployed, smoke=smoke)
 
     conf = resolve_config()
@@ -168,7 +155,7 @@ def optimize_model():
     teacher >> student
     pruned = prune(conf, student)
     exported = export(conf, pruned)
-    candidate = quantize(conf, exported)
+    candidate = quantize(conf, exported, data)
     measured = evaluate(conf, candidate, data)
     verdict = quality_gate(conf, teacher, measured)
     registered = register(conf, model, data, exported, candidate, teacher, measured, verdict)

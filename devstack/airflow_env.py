@@ -41,6 +41,7 @@ def airflow_env(airflow_home: Path, sql_alchemy_conn: str | None = None, extra: 
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     })
     env.update(extra or {})
     return env

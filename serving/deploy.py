@@ -145,3 +145,18 @@ def _rollback(error: Exception, stage: str, repo: ModelRepository, server: Local
     log.error("deploy of %s v%s failed at %s: %s; %s", model, version, stage, error, "; ".join(notes))
     return DeployError(f"deploy of {model} v{version} failed at '{stage}': {type(error).__name__}: {error}\n"
                        f"rollback: {'; '.join(notes)}\nserver log: {server.log_file}")
+
+
+def rollback(model_name: str, failed_version: int | str, champion_version: int | str | None, server: LocalTriton,
+             reason: Exception, *, repository: ModelRepository | None = None,
+             spec: ModelConfigSpec | None = None, stage: str = "post-deploy check") -> DeployError:
+    """Undo a deploy that passed its own smoke test but failed a later check.
+
+    Restores the champion as the only served version, moves ``failed_version`` aside and returns
+    the ``DeployError`` to raise (naming ``reason``, the rollback outcome and the server log).
+    """
+    repo = repository or ModelRepository(server.config.model_repository)
+    spec = spec or ModelConfigSpec.llm_generate(model_name)
+    champion = int(champion_version) if champion_version is not None else None
+    return _rollback(reason, stage, repo, server, model_name, int(failed_version), champion,
+                     repo.read_config(model_name), spec)

@@ -272,6 +272,9 @@ class LocalTriton:
         """A writable copy of backends/ and caches/ with the stub beside the python backend."""
         state = self.config.state_dir
         state.mkdir(parents=True, exist_ok=True)
+        if not str(self.config.model_repository).startswith("s3://"):
+            # A first deploy starts the server before any model folder exists; Triton refuses a missing root.
+            Path(self.config.model_repository).mkdir(parents=True, exist_ok=True)
         stamp = state / "backends" / ".source"
         source = f"{runtime.wheel_dir}|{runtime.python_version}|{runtime.binary.stat().st_mtime_ns}"
         if stamp.is_file() and stamp.read_text() == source:

@@ -13,7 +13,13 @@ from typing import Any
 
 
 class TrimflowError(Exception):
-    """Base class of every error trimflow raises on purpose."""
+    """Base class of every error trimflow raises on purpose.
+
+    ``retryable`` tells an orchestrator whether running the same step again could succeed:
+    bad input and failed verdicts are final; an unreachable server may come back.
+    """
+
+    retryable = False
 
 
 class ConfigError(TrimflowError, ValueError):
@@ -26,6 +32,8 @@ class ConfigError(TrimflowError, ValueError):
 
 class SourceError(TrimflowError):
     """A model or data source cannot be resolved or read."""
+
+    retryable = True  # S3 or the registry may be briefly unreachable
 
 
 class UnsupportedModelError(TrimflowError):
@@ -66,6 +74,8 @@ class ExportMismatch(TrimflowError):
 class RegistryError(TrimflowError):
     """The MLflow registry refused or lost an operation."""
 
+    retryable = True
+
 
 class DeployError(TrimflowError):
     """Deployment or the post-deploy smoke test failed; the previous version keeps serving."""
@@ -73,3 +83,5 @@ class DeployError(TrimflowError):
 
 class ServingError(TrimflowError):
     """The local serving runtime (Triton) could not be started or reached."""
+
+    retryable = True

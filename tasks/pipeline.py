@@ -20,7 +20,7 @@ from typing import Any
 
 from tasks.config import OptimizeConfig
 from tasks.settings import Settings
-from tasks.steps import run_step, safe_run_id, step_dir, store_from_settings
+from tasks.steps import RESULT, run_step, safe_run_id, step_dir, store_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ def export(conf: dict[str, Any], run_id: str, upstream: dict[str, Any]) -> dict[
     return run_step(store, rid, "export", {"export": cfg.export.model_dump(), "input": upstream["uri"]}, work)
 
 
-def quantize(conf: dict[str, Any], run_id: str, exported: dict[str, Any]) -> dict[str, Any]:
-    """ONNX Runtime dynamic INT8; passes the fp32 export through when not selected."""
+def quantize(conf: dict[str, Any], run_id: str, exported: dict[str, Any], data_result: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime dynamic INT8, checked on calibration text; passes the fp32 export through when not selected."""
     from tasks import quantize as quantize_mod
 
     cfg = _cfg(conf)
@@ -209,8 +209,10 @@ def quantize(conf: dict[str, Any], run_id: str, exported: dict[str, Any]) -> dic
     if "quantize" not in cfg.techniques:
         return {"uri": exported["uri"], "subdir": "onnx", "skipped": True, "size_bytes": exported["size_bytes"]}
     src = step_dir(store, exported["uri"]) / "onnx"
-    return run_step(store, rid, "quantize", {"quantize": cfg.quantize.model_dump(), "input": exported["uri"]},
-                    lambda out: quantize_mod.quantize_dynamic_int8(cfg.quantize, src, out))
+    calib = _texts(store, data_result, "calib")
+    return run_step(store, rid, "quantize", {"quantize": cfg.quantize.model_dump(), "input": exported["uri"],
+                                             "data": data_result["data_hash"]},
+                    lambda out: quantize_mod.quantize_dynamic_int8(cfg.quantize, src, out, probe_texts=calib))
 
 
 # -- 8. quality gate --------------------------------------------------------------------------------
@@ -327,7 +329,100 @@ def _step_summaries(store, rid: str) -> dict[str, Any]:
         key = f"{rid}/{step}"
         if not store.exists(key):
             continue
-        res = json.loads((store.fetch(key) / "result.json").read_text())
+        res = json.loads((store.fetch(key) / RESULT).read_text())
         keep = {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("run_id", "step", "uri")}
         out[step] = keep
     return out
+
+
+# -- 10. deploy & 11. smoke test ------------------------------------------------------------------------
+def _serving_spec(cfg: OptimizeConfig):
+    from serving.model_config import ModelConfigSpec
+
+    return ModelConfigSpec.llm_generate(cfg.deploy.model_name, max_batch_size=cfg.deploy.max_batch_size,
+                                        max_queue_delay_microseconds=cfg.deploy.max_queue_delay_us,
+                                        response_cache=cfg.deploy.response_cache)
+
+
+def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Write the registered version into the Triton repository beside the champion and switch to it.
+
+    The Triton version number is the MLflow registry version. Triton's own smoke request on the
+    new version runs inside; any failure rolls back and the champion keeps serving.
+    """
+    from serving.deploy import deploy_and_smoke_test
+    from serving.repository import ModelRepository
+    from serving.server import local_server
+    from tasks import registry
+
+    cfg = _cfg(conf)
+    settings, store, _ = _ctx(run_id)
+    if cfg.deploy.target == "none":
+        return {"target": "none", "model_name": None, "version": None, "dynamic_batching": None,
+                "response_cache": None}
+    name, version = cfg.deploy.model_name, int(registered["version"])
+    server = local_server(settings).ensure_running()
+    repo = ModelRepository(settings.triton_repository, endpoint_url=settings.s3_endpoint_url,
+                           scratch=settings.scratch_dir)
+    if version in repo.versions(name) and server.ready_versions(name) == [version]:
+        # A retried task after a finished deploy: the version is already the one served.
+        running = server.model_config(name)
+        log.info("deploy: %s v%s already served", name, version)
+        return {"target": "local", "model_name": name, "version": version, "served_versions": [version],
+                "dynamic_batching": "dynamic_batching" in running,
+                "response_cache": bool(running.get("response_cache", {}).get("enable", False)),
+                "repository": repo.uri(name), "http_url": server.http_url, "grpc_url": server.grpc_url,
+                "champion_version": registry.alias_version(settings.mlflow_tracking_uri, registered["name"]),
+                "reused": True}
+    champion = registry.alias_version(settings.mlflow_tracking_uri, registered["name"])
+    if champion is not None and champion not in repo.versions(name):
+        log.warning("deploy: champion v%s of %s is not in %s; deploying without a fallback version",
+                    champion, registered["name"], repo.uri(name))
+        champion = None
+    result = deploy_and_smoke_test(model_path(store, candidate), name, version, champion, server, repository=repo,
+                                   spec=_serving_spec(cfg), smoke_prompt=cfg.deploy.smoke_prompt,
+                                   smoke_max_tokens=cfg.deploy.smoke_max_tokens)
+    return {"target": "local", **result}
+
+
+def smoke_test(conf: dict[str, Any], run_id: str, registered: dict[str, Any], deployed: dict[str, Any]) -> dict[str, Any]:
+    """A request through the public endpoints, as a client sends it (no version pinned).
+
+    Passing moves alias ``champion`` to the new version. Failing rolls Triton back to the previous
+    champion and fails the run.
+    """
+    import time
+
+    from serving.client import generate
+    from serving.deploy import rollback
+    from serving.server import local_server
+    from tasks import registry
+    from tasks.errors import DeployError
+
+    cfg = _cfg(conf)
+    settings, _, _ = _ctx(run_id)
+    if deployed.get("target") == "none":
+        return {"ok": None, "skipped": "deploy_target=none", "text": ""}
+    name, version = deployed["model_name"], int(deployed["version"])
+    server = local_server(settings).ensure_running()
+    checks: dict[str, Any] = {}
+    try:
+        served = server.ready_versions(name)
+        if served != [version]:
+            raise DeployError(f"Triton serves versions {served} of {name}, expected only [{version}]")
+        t0 = time.perf_counter()
+        text = generate(server.grpc_url, name, cfg.deploy.smoke_prompt, max_tokens=cfg.deploy.smoke_max_tokens,
+                        protocol="grpc")
+        checks["grpc_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        http_text = generate(server.http_url, name, cfg.deploy.smoke_prompt, max_tokens=cfg.deploy.smoke_max_tokens,
+                             protocol="http")
+        if not text.strip():
+            raise DeployError(f"empty generation for {cfg.deploy.smoke_prompt!r}")
+        if http_text != text:
+            raise DeployError(f"gRPC and HTTP disagree on a greedy request: {text!r} vs {http_text!r}")
+    except Exception as e:  # any failure rolls back before the run fails
+        raise rollback(name, version, deployed.get("champion_version"), server, e,
+                       spec=_serving_spec(cfg), stage="smoke_test") from e
+    promoted = registry.promote(settings.mlflow_tracking_uri, registered["name"], registered["version"])
+    return {"ok": True, "prompt": cfg.deploy.smoke_prompt, "text": text, "latency_ms": checks["grpc_ms"],
+            "protocols": ["grpc", "http"], "champion": promoted["version"], "aliases": promoted["aliases"]}

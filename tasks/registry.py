@@ -55,9 +55,27 @@ def _client(tracking_uri: str):
     import mlflow
     from mlflow import MlflowClient
 
+    _check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    """Fail in a second, not after MLflow's minutes of connection retries, when the server is down."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10) as r:
+            if r.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as e:
+        raise RegistryError(f"MLflow tracking server {tracking_uri} is not reachable ({e}); `make demo` starts one, "
+                            "or point MLFLOW_TRACKING_URI at yours") from None
+    raise RegistryError(f"MLflow tracking server {tracking_uri} answered /health with an error")
 
 
 def find_version_for_run(tracking_uri: str, name: str, run_id: str):

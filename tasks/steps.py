@@ -27,8 +27,8 @@ from tasks.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-RESULT = "result.json"
-CONFIG = "config.json"
+RESULT = "_step_result.json"
+CONFIG = "_step_config.json"  # not config.json: HF folders have their own
 _RUN_ID_OK = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
