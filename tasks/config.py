@@ -54,10 +54,15 @@ class DataConfig(_Frozen):
 class DistillConfig(_Frozen):
     """Knowledge distillation of a shallower student.
 
+    The defaults are the quick CPU profile, sized on SmolLM2-135M (30 layers) on 2 cores: 12 steps
+    take ~90 s and bring a 24-layer student from perplexity ~330 (layers dropped, untrained) to ~95
+    (teacher 39). A 10-layer student starts near 8,000,000 and still had a training perplexity of
+    ~1,600 after 40 steps.
+
     Args:
         student_layers: layers kept in the student, picked evenly from the teacher, first and last
-            always included (default 10).
-        steps: optimizer steps (default 40).
+            always included (default 24; must not exceed the teacher's layers).
+        steps: optimizer steps (default 12).
         batch_size / seq_len: sequences per step and tokens per sequence (defaults 4 / 128).
         lr: peak AdamW learning rate, cosine-decayed after a short warmup (default 3e-4).
         temperature: softening temperature of the KL term (default 2.0).
@@ -70,8 +75,8 @@ class DistillConfig(_Frozen):
         max_grad_norm: gradient-norm clipping threshold (default 1.0).
     """
 
-    student_layers: int = Field(10, ge=1)
-    steps: int = Field(40, ge=0)
+    student_layers: int = Field(24, ge=1)
+    steps: int = Field(12, ge=0)
     batch_size: int = Field(4, ge=1)
     seq_len: int = Field(128, ge=8)
     lr: float = Field(3e-4, gt=0)
@@ -88,14 +93,16 @@ class PruneConfig(_Frozen):
     """Structured pruning of MLP neurons (the intermediate dimension really shrinks).
 
     Args:
-        mlp_ratio: fraction of MLP intermediate neurons removed in every layer (default 0.25).
+        mlp_ratio: fraction of MLP intermediate neurons removed in every layer (default 0.1; on
+            SmolLM2-135M activation-ranked, 0.1 costs +23% perplexity and 0.25 costs +93%, and an
+            undertrained student loses more).
         importance: how neurons are ranked: ``activation`` (output energy on calibration text) or
             ``weight`` (data-free weight norms, far worse on LLMs with massive activations)
             (default activation).
         calib_tokens: calibration tokens for activation statistics (default 1024).
     """
 
-    mlp_ratio: float = Field(0.25, ge=0, lt=1)
+    mlp_ratio: float = Field(0.1, ge=0, lt=1)
     importance: Literal["activation", "weight"] = "activation"
     calib_tokens: int = Field(1024, ge=16)
 
@@ -336,6 +343,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ci": {
         "data": {"max_documents": 300},
         "distill": {"student_layers": 8, "steps": 6, "batch_size": 2, "seq_len": 96, "checkpoint_every": 3},
+        # The 6-step 8-layer student is near-uniform, so INT8 noise flips many argmaxes (SmolLM2: 0.59
+        # agreement at +6% probe perplexity); the check still catches a broken quantization (~0).
+        "quantize": {"min_top1_agreement": 0.4},
         "eval": {"ppl_windows": 4, "window_len": 128, "latency_prompts": 2, "new_tokens": 12, "repeats": 1},
         "gates": {"max_ppl_ratio": 1000.0, "min_speedup": 1.0},
     },

@@ -54,8 +54,8 @@ def quantize_dynamic_int8(cfg: QuantizeConfig, onnx_dir: Path, out_dir: Path,
         their max/p99.9 ratio), ``embeddings_quantized``, ``top1_agreement``,
         ``mean_abs_logit_diff``, ``max_abs_logit_diff``, ``probe_ppl_fp32`` and ``probe_ppl_int8``
         (perplexity on the probe windows), ``probe_tokens``, ``probe_source`` (``caller`` or
-        ``builtin``), ``weight_type``,
-        ``per_channel``, ``reduce_range``, ``quantize_seconds``, ``seconds``.
+        ``builtin``), ``weight_type``, ``per_channel``, ``reduce_range``, ``quantize_seconds``,
+        ``seconds``.
 
     Raises:
         SourceError: ``onnx_dir`` is not a trimflow export.
