@@ -108,8 +108,8 @@ def optimize_model():
         return _step("distill", conf, run_id, model, data)
 
     @task
-    def prune(conf: dict, student: dict, run_id: str | None = None) -> dict:
-        return _step("prune", conf, run_id, student)
+    def prune(conf: dict, student: dict, data: dict, run_id: str | None = None) -> dict:
+        return _step("prune", conf, run_id, student, data)
 
     @task
     def export(conf: dict, pruned: dict, run_id: str | None = None) -> dict:
@@ -153,7 +153,7 @@ def optimize_model():
     student = distill(conf, model, data)
     # The teacher is timed alone: a concurrent distillation would slow it and inflate the speedup.
     teacher >> student
-    pruned = prune(conf, student)
+    pruned = prune(conf, student, data)
     exported = export(conf, pruned)
     candidate = quantize(conf, exported, data)
     measured = evaluate(conf, candidate, data)

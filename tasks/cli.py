@@ -38,7 +38,7 @@ def run_pipeline(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     data = p.validate_data(conf, run_id)
     teacher = p.baseline(conf, run_id, model, data)
     student = p.distill(conf, run_id, model, data)
-    pruned = p.prune(conf, run_id, student)
+    pruned = p.prune(conf, run_id, student, data)
     exported = p.export(conf, run_id, pruned)
     candidate = p.quantize(conf, run_id, exported, data)
     measured = p.evaluate_candidate(conf, run_id, candidate, data)

@@ -171,8 +171,8 @@ def distill(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_resul
                                             "data": data_result["data_hash"]}, work)
 
 
-def prune(conf: dict[str, Any], run_id: str, upstream: dict[str, Any]) -> dict[str, Any]:
-    """Structured MLP pruning; passes through when not selected."""
+def prune(conf: dict[str, Any], run_id: str, upstream: dict[str, Any], data_result: dict[str, Any]) -> dict[str, Any]:
+    """Structured MLP pruning ranked on calibration text; passes through when not selected."""
     from tasks import prune as prune_mod
 
     cfg = _cfg(conf)
@@ -180,8 +180,10 @@ def prune(conf: dict[str, Any], run_id: str, upstream: dict[str, Any]) -> dict[s
     if "prune" not in cfg.techniques or cfg.prune.mlp_ratio == 0:
         return {"uri": upstream["uri"], "skipped": True}
     src = step_dir(store, upstream["uri"])
-    return run_step(store, rid, "prune", {"prune": cfg.prune.model_dump(), "input": upstream["uri"]},
-                    lambda out: prune_mod.prune_mlp(cfg.prune, src, out))
+    calib = _texts(store, data_result, "calib")
+    return run_step(store, rid, "prune", {"prune": cfg.prune.model_dump(), "input": upstream["uri"],
+                                          "data": data_result["data_hash"]},
+                    lambda out: prune_mod.prune_mlp(cfg.prune, src, out, calib_texts=calib))
 
 
 def export(conf: dict[str, Any], run_id: str, upstream: dict[str, Any]) -> dict[str, Any]:
