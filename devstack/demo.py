@@ -149,7 +149,7 @@ def _print(s: dict[str, Any], mlflow_url: str, settings: Settings) -> None:
     print(f"\nDAG run {s['dag_run'].get('run_id')}: {s['dag_run']['state']} in {s['dag_run']['seconds']}s "
           f"(log {s['dag_run']['log']})")
     if "teacher" in s:
-        t, c, r = s["teacher"], s["student"], s.get("ratios") or {}
+        t, c = s["teacher"], s["student"]
         print(f"{'':22}{'teacher':>14}{'optimized':>14}{'ratio':>9}")
         for key, label in (("perplexity", "perplexity"), ("size_bytes", "size (MB)"),
                            ("latency_ms_p50", "latency p50 (ms)"), ("tokens_per_s", "tokens/s (b=1)")):
@@ -167,7 +167,7 @@ def _print(s: dict[str, Any], mlflow_url: str, settings: Settings) -> None:
         print(f"report: {s['report']['markdown']}")
     st = s["smoke_test"]
     print(f"request via tritonclient: ok={st['ok']} {st['prompt']!r} → {st.get('text') or st.get('error')!r}")
-    print(f"Airflow UI: AIRFLOW_HOME={settings.home / 'airflow'} .venv/bin/airflow standalone  ·  stop servers: make stop")
+    print("Airflow UI: make airflow-ui  ·  MLflow UI: make mlflow-ui  ·  stop servers: make stop")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
+from tasks.technique import Technique
 from tasks.config import DistillConfig
 from tasks.errors import ConfigError
 from tasks.modelio import available_cores, copy_tokenizer, count_parameters, require_causal_lm, torch_threads
@@ -348,3 +349,12 @@ def _save_checkpoint(train: _Training) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, train.path)
     log.info("distill: checkpoint at step %d -> %s", train.step, train.path)
+
+
+def _run(cfg: DistillConfig, src: Path, out: Path, ctx) -> dict[str, Any]:
+    # The first distill step of a recipe starts from the teacher itself, so src is the teacher.
+    return distill(cfg, src, ctx.texts("train"), out, resume_dir=ctx.resume_dir)
+
+
+TECHNIQUES = [Technique("distill", stage="distill", config=DistillConfig, run=_run, kinds=("causal_lm",),
+                        description="layer-selected student trained with KD on temperature-softened logits")]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.technique import Technique
 from tasks.config import ExportConfig
 from tasks.errors import ExportMismatch
 
@@ -163,3 +164,12 @@ def check_parity(model, onnx_dir: Path, atol: float, onnx_file: str = "model.onn
             f"decode max |diff| {decode:.3g} > atol {atol}")
     log.info("export parity: prefill %.2e decode %.2e (atol %g)", prefill, decode, atol)
     return result
+
+
+def _run(cfg: ExportConfig, src: Path, out: Path, ctx) -> dict[str, Any]:
+    return export_causal_lm(src, out, cfg)
+
+
+TECHNIQUES = [Technique("export_onnx", stage="export", config=ExportConfig, run=_run, kinds=("causal_lm",),
+                        consumes="hf", produces="onnx",
+                        description="ONNX export with KV cache, logits checked against PyTorch")]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tasks.technique import Technique
 from tasks.config import PruneConfig
 from tasks.errors import ConfigError, UnsupportedModelError
 from tasks.builtin_texts import BUILTIN_TEXTS
@@ -198,3 +199,11 @@ def _slice_linear(linear, idx, dim: int):
         # An output bias follows its neuron; an input-side slice leaves the bias of the outputs intact.
         new.bias.data.copy_(linear.bias.detach().index_select(0, idx) if dim == 0 else linear.bias.detach())
     return new
+
+
+def _run(cfg: PruneConfig, src: Path, out: Path, ctx) -> dict[str, Any]:
+    return prune_mlp(cfg, src, out, calib_texts=ctx.texts("calib"))
+
+
+TECHNIQUES = [Technique("prune_mlp", stage="prune", config=PruneConfig, run=_run, kinds=("causal_lm",),
+                        description="structured pruning of MLP neurons ranked on calibration text")]

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tasks.technique import Technique
 from tasks.config import QuantizeConfig
 from tasks.errors import ConfigError, ExportMismatch, SourceError
 from tasks.builtin_texts import BUILTIN_TEXTS
@@ -254,3 +255,12 @@ def _onnx_bytes(path: Path) -> int:
     """The ONNX file plus any external-data file beside it that shares its name."""
     extra = [p for p in path.parent.glob(path.name + "*") if p != path and p.is_file()]
     return path.stat().st_size + sum(p.stat().st_size for p in extra)
+
+
+def _run(cfg: QuantizeConfig, src: Path, out: Path, ctx) -> dict[str, Any]:
+    return quantize_dynamic_int8(cfg, src, out, probe_texts=ctx.texts("calib"))
+
+
+TECHNIQUES = [Technique("quantize_dynamic_int8", stage="quantize", config=QuantizeConfig, run=_run,
+                        kinds=("causal_lm",), consumes="onnx", produces="onnx",
+                        description="ONNX Runtime dynamic INT8 with outlier-aware exclusions")]

@@ -73,5 +73,13 @@ def _serving_python() -> Path:
 
     p = Settings.from_env().serving_python
     if not p.exists():
-        pytest.skip(f"no serving environment at {p} (make setup)")
+        pytest.fail(f"no serving environment at {p}: run `make setup`")
     return p
+
+
+# -- optimize DAG ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory) -> Path:
+    from tests.tiny import make_tiny_llm
+
+    return make_tiny_llm(tmp_path_factory.mktemp("src") / "tiny-llm", layers=4)
