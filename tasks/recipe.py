@@ -94,10 +94,7 @@ class Recipe(BaseModel):
                 raise ConfigError(f"{where}.technique", step.technique, "needs a PyTorch model but the recipe "
                                                                         "already exported to ONNX")
             if tech.consumes == "onnx" and form == "hf":
-                export = reg.get("export_onnx")
-                if export is None:
-                    raise ConfigError(f"{where}.technique", step.technique, "needs an ONNX model and no export "
-                                                                            "technique is registered")
+                export = self._exporter(reg, where, step.technique)
                 planned.append((len(planned), export, export.config()))
             try:
                 cfg = tech.config.model_validate(step.params())
@@ -108,9 +105,17 @@ class Recipe(BaseModel):
             planned.append((len(planned), tech, cfg))
             last_stage, form = stage, tech.produces
         if form == "hf":  # serving needs ONNX: export last if the recipe stopped in PyTorch
-            export = reg["export_onnx"]
+            export = self._exporter(reg, f"recipe {self.name}", "(end of recipe)")
             planned.append((len(planned), export, export.config()))
         return planned
+
+    def _exporter(self, reg: dict[str, Technique], where: str, what: str) -> Technique:
+        """The default export technique for this recipe's model kind."""
+        for tech in reg.values():
+            if tech.stage == "export" and self.kind in tech.kinds and tech.name.startswith("export"):
+                return tech
+        raise ConfigError(f"{where}.technique", what, f"needs an ONNX model and no export technique supports "
+                                                      f"{self.kind} models")
 
     def stages_used(self) -> list[str]:
         return sorted({t.stage for _, t, _ in self.plan()}, key=STAGES.index)
