@@ -91,10 +91,11 @@ class OnnxCausalLM:
 
     # -- generation ------------------------------------------------------------------------
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+                     top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
         """Generate up to ``max_new_tokens`` per prompt; greedy when ``temperature`` is 0.
 
-        Returns the new token ids per prompt, stopping at an EOS token (not included).
+        Returns the new token ids per prompt, stopping at an EOS token (not included) unless
+        ``stop_at_eos`` is False (benchmarks generate a fixed token count for every runtime).
         """
         if not prompts:
             return []
@@ -120,7 +121,7 @@ class OnnxCausalLM:
             for i in range(b):
                 if done[i]:
                     continue
-                if int(nxt[i]) in eos:
+                if stop_at_eos and int(nxt[i]) in eos:
                     done[i] = True
                 else:
                     out[i].append(int(nxt[i]))
