@@ -251,6 +251,102 @@ class ModelRepository:
         for k in keys:
             self.client.delete_object(Bucket=self.bucket, Key=k)
 
+    def copy_version(self, model: str, version: int, dest_model: str) -> WrittenVersion:
+        """Publish ``<model>/<version>`` again as ``<dest_model>/<version>`` (a canary or search copy).
+
+        Local files are hard-linked (version folders are immutable, so sharing inodes is safe and
+        a 500 MB model costs nothing); S3 objects are copied server-side. The copy gets a marker of
+        its own naming where it came from, written last as in ``write_version``. An identical copy
+        already there is reused.
+
+        Raises:
+            DeployError: the source version is absent/incomplete, or the destination exists with other content.
+        """
+        version = int(version)
+        src = self.marker(model, version)
+        if src is None:
+            raise DeployError(f"cannot copy {self.uri(model, version)}: no complete version there")
+        existing = self.marker(dest_model, version)
+        if existing is not None and existing.get("digest") == src["digest"]:
+            return WrittenVersion(self.uri(dest_model, version), src["digest"], True, tuple(src["files"]))
+        if existing is not None or self._version_present(dest_model, version):
+            raise DeployError(f"refusing to overwrite {self.uri(dest_model, version)}: it exists with other content")
+        marker = {**src, "model": dest_model, "copied_from": self.uri(model, version),
+                  "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        files = tuple(src["files"])
+        if not self.is_s3:
+            self._local(dest_model).mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=self._local(dest_model)))
+            try:
+                for rel in files:
+                    target = staging / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(self._local(model, version, rel), target)
+                    except OSError:  # another file system, or links not allowed: a plain copy
+                        shutil.copy2(self._local(model, version, rel), target)
+                (staging / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
+                os.rename(staging, self._local(dest_model, version))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            for rel in files:
+                self.client.copy_object(Bucket=self.bucket, Key=self._key(dest_model, version, rel),
+                                        CopySource={"Bucket": self.bucket, "Key": self._key(model, version, rel)})
+            self.client.put_object(Bucket=self.bucket, Key=self._key(dest_model, version, MARKER),
+                                   Body=json.dumps(marker, indent=2, sort_keys=True).encode())
+        return WrittenVersion(self.uri(dest_model, version), src["digest"], False, files)
+
+    def remove_model(self, model: str) -> None:
+        """Delete everything under ``<model>/`` (a canary or search copy); Triton must have unloaded it."""
+        if not self.is_s3:
+            shutil.rmtree(self._local(model), ignore_errors=True)
+            return
+        keys = self._s3_keys(self._key(model) + "/")
+        # Markers first: a half-deleted version never looks complete.
+        keys.sort(key=lambda k: not k.endswith("/" + MARKER))
+        for k in keys:
+            self.client.delete_object(Bucket=self.bucket, Key=k)
+
+    def has_model(self, model: str) -> bool:
+        """Anything at all under ``<model>/``."""
+        if not self.is_s3:
+            return self._local(model).exists()
+        return bool(self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(model) + "/",
+                                                MaxKeys=1).get("KeyCount", 0))
+
+    # -- files beside the config -------------------------------------------------------------
+    def write_text(self, model: str, name: str, text: str) -> str:
+        """Write ``<model>/<name>`` atomically (e.g. ``search.json`` beside ``config.pbtxt``); returns where.
+
+        Triton ignores files in a model folder whose names are not version numbers.
+        """
+        if "/" in name or name.split(".")[0].isdigit() or name == CONFIG:
+            raise DeployError(f"{name!r} is not a plain file name beside {CONFIG} (use write_config for the config)")
+        if not self.is_s3:
+            path = self._local(model, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            return str(path)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(model, name), Body=text.encode())
+        return self.uri(model, name)
+
+    def read_text(self, model: str, name: str) -> str | None:
+        """``<model>/<name>``, or None when absent."""
+        if not self.is_s3:
+            p = self._local(model, name)
+            return p.read_text() if p.is_file() else None
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(model, name))["Body"].read().decode()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
     # -- config ----------------------------------------------------------------------------
     def write_config(self, model: str, text: str) -> str:
         """Replace ``<model>/config.pbtxt`` atomically; returns its location."""
