@@ -7,6 +7,10 @@ the champion keeps answering; ``DeployError`` says what failed and where the ser
 
     result = deploy_and_smoke_test(export_dir, "tinyllm", version=3, champion_version=2, server=server)
     result["served_versions"]   # [3]; version 2 stays on disk for rollback
+
+With ``rollout=RolloutConfig(...)`` the candidate goes through ``serving.rollout`` instead: loaded
+as a canary model, smoke-tested, given a share of routed traffic, then promoted or rolled back
+(same result keys, plus ``rollout``).
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serving.client import generate
 from serving.model_config import ModelConfigSpec, VersionPolicy, set_version_policy
 from serving.repository import ModelRepository, WrittenVersion
 from serving.server import LocalTriton
 from tasks.errors import DeployError
+
+if TYPE_CHECKING:
+    from serving.rollout import CanaryRouter, RolloutConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,8 @@ def deploy_and_smoke_test(candidate_dir: Path, model_name: str, version: int | s
                           repository: ModelRepository | None = None, spec: ModelConfigSpec | None = None,
                           onnx_file: str | None = None,
                           smoke_prompt: str = SMOKE_PROMPT, smoke_max_tokens: int = 8,
-                          timeout_s: float = 120.0) -> dict:
+                          timeout_s: float = 120.0, rollout: "RolloutConfig | None" = None,
+                          router: "CanaryRouter | None" = None) -> dict:
     """Publish ``candidate_dir`` as ``model_name`` version ``version`` and make it the served version.
 
     Args:
@@ -46,15 +55,30 @@ def deploy_and_smoke_test(candidate_dir: Path, model_name: str, version: int | s
         onnx_file: ONNX file of the candidate to serve (default None: the one its metadata names).
         smoke_prompt / smoke_max_tokens: the smoke request (defaults: a news sentence, 8 tokens).
         timeout_s: smoke request timeout (default 120).
+        rollout: canary rollout settings (default None: load beside the champion and switch, as
+            above); when given, ``serving.rollout.rollout`` runs with this function's smoke prompt,
+            tokens and timeout.
+        router: the canary router callers send traffic through (rollout only; default None: the
+            rollout's own, fed by its probe traffic).
 
     Returns:
         JSON-able summary: model_name, version, champion_version, served_versions, dynamic_batching,
         response_cache (both as Triton runs the model), smoke_test {ok, prompt, text, latency_ms},
-        repository, version_uri, reused_version, server (urls), http_url, grpc_url, server_log.
+        repository, version_uri, reused_version, server (urls), http_url, grpc_url, server_log;
+        with ``rollout`` also ``rollout`` (stages, canary counts).
 
     Raises:
-        DeployError: naming the failed stage, the rollback outcome and the server log.
+        DeployError: naming the failed stage, the rollback outcome and the server log
+            (``serving.rollout`` raises its subclass ``RolloutFailed``).
     """
+    if rollout is not None:
+        from serving.rollout import RolloutConfig
+        from serving.rollout import rollout as run_rollout
+
+        cfg = RolloutConfig(**{**rollout.model_dump(), "smoke_prompt": smoke_prompt,
+                               "smoke_max_tokens": smoke_max_tokens, "smoke_timeout_s": timeout_s})
+        return run_rollout(candidate_dir, model_name, version, champion_version, server, repository=repository,
+                           spec=spec, onnx_file=onnx_file, cfg=cfg, router=router)
     # MLflow hands version numbers over as strings.
     version = int(version)
     champion_version = int(champion_version) if champion_version is not None else None

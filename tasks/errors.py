@@ -81,6 +81,31 @@ class DeployError(TrimflowError):
     """Deployment or the post-deploy smoke test failed; the previous version keeps serving."""
 
 
+class RolloutFailed(DeployError):
+    """A rollout stopped at a stage and rolled back.
+
+    Attributes:
+        report: JSON-able: ``stage``, ``cause``, ``rollback`` notes, ``rollback_ok`` (the previous
+            version answers again), ``served_versions``, stage timings and canary counts.
+    """
+
+    def __init__(self, message: str, report: dict) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+class SloNotMet(TrimflowError):
+    """No serving configuration in a search met the latency SLO; nothing was changed.
+
+    Attributes:
+        report_path: where the search table (every candidate's measurements) was written.
+    """
+
+    def __init__(self, message: str, report_path: str) -> None:
+        self.report_path = report_path
+        super().__init__(f"{message}\nfull search table: {report_path}")
+
+
 class ServingError(TrimflowError):
     """The local serving runtime (Triton) could not be started or reached."""
 
