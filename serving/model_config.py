@@ -268,6 +268,220 @@ class ModelConfigSpec:
                         "max_tokens_limit": str(max_tokens_limit)},
         )
 
+    @classmethod
+    def llm_continuous(cls, name: str, *, max_batch: int = 8, max_prefill_tokens: int = 256, max_waiting: int = 256,
+                       intra_op_threads: int = 1, default_max_tokens: int = 16, max_tokens_limit: int = 512,
+                       prefix_cache_bytes: int = 256 << 20, prefix_block_tokens: int = 16,
+                       version_policy: VersionPolicy | None = None) -> "ModelConfigSpec":
+        """The streaming model of ``serving/triton_models/llm_continuous`` (decoupled, continuous batching).
+
+        Batching happens inside the model at every decode step, so Triton's dynamic batcher is
+        off and each request carries one prompt (``max_batch_size: 1``).
+
+        Args:
+            name: Triton model name.
+            max_batch: rows decoding together; more requests wait for a free row (default 8).
+            max_prefill_tokens: prompt tokens prefilled per step; longer prompts are chunked (default 256).
+            max_waiting: requests allowed to wait for a row before new ones are refused (default 256).
+            intra_op_threads: onnxruntime threads (default 1: two cores are shared).
+            default_max_tokens: new tokens when a request does not say (default 16).
+            max_tokens_limit: largest ``max_tokens`` a request may ask for (default 512).
+            prefix_cache_bytes: KV bytes kept for shared prompt prefixes; 0 turns the cache off
+                (default 256 MiB).
+            prefix_block_tokens: prefix granularity of the cache, in tokens (default 16).
+            version_policy: versions served (default None: the latest).
+        """
+        for where, value, low in (("max_batch", max_batch, 1), ("max_prefill_tokens", max_prefill_tokens, 1),
+                                  ("max_waiting", max_waiting, 1), ("intra_op_threads", intra_op_threads, 0),
+                                  ("default_max_tokens", default_max_tokens, 1),
+                                  ("max_tokens_limit", max_tokens_limit, default_max_tokens),
+                                  ("prefix_cache_bytes", prefix_cache_bytes, 0),
+                                  ("prefix_block_tokens", prefix_block_tokens, 1)):
+            if int(value) < low:
+                raise ConfigError(f"llm_continuous.{where}", value, f"must be >= {low}")
+        return cls(
+            name=name,
+            backend="python",
+            max_batch_size=1,
+            inputs=(TensorSpec("text_input", "TYPE_STRING", (1,)),
+                    TensorSpec("max_tokens", "TYPE_INT32", (1,), optional=True),
+                    TensorSpec("temperature", "TYPE_FP32", (1,), optional=True),
+                    TensorSpec("top_p", "TYPE_FP32", (1,), optional=True),
+                    TensorSpec("seed", "TYPE_INT64", (1,), optional=True),
+                    TensorSpec("ignore_eos", "TYPE_BOOL", (1,), optional=True),
+                    TensorSpec("stop", "TYPE_STRING", (-1,), optional=True)),
+            outputs=(TensorSpec("text_output", "TYPE_STRING", (1,)),
+                     TensorSpec("finish_reason", "TYPE_STRING", (1,))),
+            instance_groups=(InstanceGroup(count=1, kind="KIND_CPU"),),
+            version_policy=version_policy,
+            decoupled=True,
+            parameters={"intra_op_threads": str(intra_op_threads), "max_batch": str(max_batch),
+                        "max_prefill_tokens": str(max_prefill_tokens), "max_waiting": str(max_waiting),
+                        "default_max_tokens": str(default_max_tokens), "max_tokens_limit": str(max_tokens_limit),
+                        "prefix_cache_bytes": str(prefix_cache_bytes),
+                        "prefix_block_tokens": str(prefix_block_tokens)},
+        )
+
+    @classmethod
+    def encoder_embed(cls, name: str, *, embedding_dim: int = -1, max_batch_size: int = 32,
+                      dynamic_batching: bool = True, max_queue_delay_microseconds: int = 2000,
+                      preferred_batch_size: tuple[int, ...] = (), instances: int = 1, response_cache: bool = True,
+                      intra_op_threads: int = 1, max_length: int | None = None,
+                      version_policy: VersionPolicy | None = None) -> "ModelConfigSpec":
+        """Sentence embeddings served by ``serving/triton_models/encoder_embed`` (python backend, onnxruntime).
+
+        The local/CPU form: text in, tokenised inside the model, every text of a dynamic batch
+        padded to the batch's longest and run through one onnxruntime call.
+
+        Args:
+            name: Triton model name.
+            embedding_dim: size H of the output vector (default -1: left open).
+            max_batch_size: texts per ``execute``; 0 removes the batch dimension and batching
+                (default 32).
+            dynamic_batching: let Triton merge concurrent requests (default True; off with
+                ``max_batch_size`` <= 1).
+            max_queue_delay_microseconds: wait for requests to join a batch (default 2000).
+            preferred_batch_size: batch sizes to aim for (default none).
+            instances: CPU instances, each a python stub process with its own session (default 1).
+            response_cache: answer repeated texts from Triton's cache (default True).
+            intra_op_threads: onnxruntime threads per instance (default 1: two cores are shared).
+            max_length: tokens kept per text (default None: the export's metadata, else 256).
+            version_policy: versions served (default None: the latest).
+        """
+        params = {"intra_op_threads": str(intra_op_threads)}
+        if max_length is not None:
+            params["max_length"] = str(int(max_length))
+        return cls(
+            name=name,
+            backend="python",
+            max_batch_size=max_batch_size,
+            inputs=(TensorSpec("text", "TYPE_STRING", (1,)),),
+            outputs=(TensorSpec("embedding", "TYPE_FP32", (embedding_dim,)),),
+            dynamic_batching=(DynamicBatching(tuple(preferred_batch_size), max_queue_delay_microseconds)
+                              if dynamic_batching and max_batch_size > 1 else None),
+            response_cache=response_cache,
+            instance_groups=(InstanceGroup(count=instances, kind="KIND_CPU"),),
+            version_policy=version_policy,
+            parameters=params,
+        )
+
+    @classmethod
+    def encoder_onnxruntime_gpu(cls, name: str, *, embedding_dim: int = -1, max_batch_size: int = 64,
+                                max_queue_delay_microseconds: int = 500, preferred_batch_size: tuple[int, ...] = (),
+                                instances: int = 1, gpus: tuple[int, ...] = (), precision_mode: str = "FP16",
+                                max_workspace_size_bytes: int = 1 << 30, max_length: int = 256,
+                                opt_batch_size: int = 16, opt_length: int = 64,
+                                engine_cache_path: str = "/tmp/trimflow-trt-cache", response_cache: bool = True,
+                                gpu_mem_limit_bytes: int | None = None, default_model_filename: str | None = None,
+                                version_policy: VersionPolicy | None = None) -> "ModelConfigSpec":
+        """The encoder export on a GPU pool: the ``onnxruntime`` backend with TensorRT, CUDA as fallback.
+
+        Production only (the local wheel has no onnxruntime backend). Token ids come in, so a
+        tokenising front end (client or python model) must pad requests to shared lengths: Triton's
+        dynamic batcher merges only requests of equal shape.
+
+        Args:
+            name: Triton model name.
+            embedding_dim: size H of ``sentence_embedding`` (default -1: left open).
+            max_batch_size: rows per execution (default 64).
+            max_queue_delay_microseconds: wait for requests to join a batch (default 500: a GPU
+                batch of 64 short texts costs about what one does).
+            preferred_batch_size: batch sizes to aim for (default none).
+            instances: instances per GPU (default 1).
+            gpus: GPU ids (default none: every visible GPU).
+            precision_mode: TensorRT precision, ``FP32``/``FP16``/``INT8`` (default FP16).
+            max_workspace_size_bytes: TensorRT builder workspace (default 1 GiB).
+            max_length / opt_length: longest and typical tokens per text; with ``max_batch_size``
+                and ``opt_batch_size`` they form the TensorRT shape profile, so engines are built
+                once for the whole range instead of per new shape (defaults 256 / 64; batch 16).
+            engine_cache_path: where TensorRT engines are cached across restarts (default
+                ``/tmp/trimflow-trt-cache``; mount a volume there in production).
+            response_cache: answer repeated requests from Triton's cache (default True).
+            gpu_mem_limit_bytes: CUDA EP arena limit (default None: no limit).
+            default_model_filename: ONNX file to load (default None: ``model.onnx``).
+            version_policy: versions served (default None: the latest).
+        """
+        if precision_mode not in ("FP32", "FP16", "INT8"):
+            raise ConfigError("encoder.precision_mode", precision_mode, "must be FP32, FP16 or INT8")
+        if not (1 <= opt_batch_size <= max_batch_size and 1 <= opt_length <= max_length):
+            raise ConfigError("encoder.trt_profile", (opt_batch_size, opt_length, max_batch_size, max_length),
+                              "need 1 <= opt_batch_size <= max_batch_size and 1 <= opt_length <= max_length")
+        names = ("input_ids", "attention_mask", "token_type_ids")
+
+        def shapes(b: int, s: int) -> str:
+            return ",".join(f"{n}:{b}x{s}" for n in names)
+
+        tensorrt = Accelerator("tensorrt", {
+            "precision_mode": precision_mode, "max_workspace_size_bytes": str(max_workspace_size_bytes),
+            "trt_engine_cache_enable": "1", "trt_engine_cache_path": engine_cache_path,
+            "trt_profile_min_shapes": shapes(1, 1), "trt_profile_opt_shapes": shapes(opt_batch_size, opt_length),
+            "trt_profile_max_shapes": shapes(max_batch_size, max_length)})
+        # CUDA runs the nodes TensorRT does not take; with variable sequence lengths an arena that
+        # grows by what is asked wastes less memory than power-of-two growth.
+        cuda_params = {"arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"}
+        if gpu_mem_limit_bytes is not None:
+            cuda_params["gpu_mem_limit"] = str(int(gpu_mem_limit_bytes))
+        return cls(
+            name=name,
+            backend="onnxruntime",
+            max_batch_size=max_batch_size,
+            inputs=tuple(TensorSpec(n, "TYPE_INT64", (-1,)) for n in names),
+            outputs=(TensorSpec("sentence_embedding", "TYPE_FP32", (embedding_dim,)),),
+            dynamic_batching=DynamicBatching(tuple(preferred_batch_size), max_queue_delay_microseconds),
+            response_cache=response_cache,
+            instance_groups=(InstanceGroup(count=instances, kind="KIND_GPU", gpus=tuple(gpus)),),
+            version_policy=version_policy,
+            gpu_accelerators=(tensorrt, Accelerator("cuda", cuda_params)),
+            default_model_filename=default_model_filename,
+        )
+
+    @classmethod
+    def semantic_gateway(cls, name: str, *, encoder_model: str, llm_model: str,
+                         cache_parameters: Mapping[str, str] | None = None, max_batch_size: int = 8,
+                         max_queue_delay_microseconds: int = 1000, instances: int = 1, decoupled: bool = True,
+                         response_cache: bool = False,
+                         version_policy: VersionPolicy | None = None) -> "ModelConfigSpec":
+        """The semantic-cache gateway in front of a generation model (``serving/triton_models/semantic_gateway``).
+
+        Same inputs as ``llm_generate`` plus a ``cache_status`` output (hit, miss, guarded, bypass,
+        error). It calls ``encoder_model`` and, on a miss, ``llm_model`` through BLS.
+
+        Args:
+            name: Triton model name.
+            encoder_model / llm_model: the Triton models it calls.
+            cache_parameters: ``SemanticCacheConfig(...).to_parameters()`` (default None: the
+                config's defaults, embedded store).
+            max_batch_size: requests per ``execute`` (default 8).
+            max_queue_delay_microseconds: wait for requests to join a batch (default 1000).
+            instances: gateway instances; with the embedded store each has its own entries
+                (default 1).
+            decoupled: answer through the response sender, so a hit is sent while other requests
+                of the instance still wait for the LLM; clients then use gRPC streaming (default
+                True). Non-decoupled: plain infer calls, but a hit waits for the misses it was
+                batched or queued with.
+            response_cache: Triton's exact-match cache in front of the gateway; non-decoupled
+                only (default False).
+            version_policy: versions served (default None: the latest).
+        """
+        params = {"encoder_model": encoder_model, "llm_model": llm_model, **dict(cache_parameters or {})}
+        _check_name("semantic_gateway.encoder_model", encoder_model)
+        _check_name("semantic_gateway.llm_model", llm_model)
+        return cls(
+            name=name,
+            backend="python",
+            max_batch_size=max_batch_size,
+            inputs=(TensorSpec("text_input", "TYPE_STRING", (1,)),
+                    TensorSpec("max_tokens", "TYPE_INT32", (1,), optional=True),
+                    TensorSpec("temperature", "TYPE_FP32", (1,), optional=True)),
+            outputs=(TensorSpec("text_output", "TYPE_STRING", (1,)), TensorSpec("cache_status", "TYPE_STRING", (1,))),
+            dynamic_batching=DynamicBatching((), max_queue_delay_microseconds) if max_batch_size > 0 else None,
+            response_cache=response_cache,
+            instance_groups=(InstanceGroup(count=instances, kind="KIND_CPU"),),
+            version_policy=version_policy,
+            parameters=params,
+            decoupled=decoupled,
+        )
+
     def with_version_policy(self, policy: VersionPolicy | None) -> "ModelConfigSpec":
         return replace(self, version_policy=policy)
 
