@@ -83,3 +83,34 @@ def tiny_source(tmp_path_factory) -> Path:
     from tests.tiny import make_tiny_llm
 
     return make_tiny_llm(tmp_path_factory.mktemp("src") / "tiny-llm", layers=4)
+
+
+# -- encoder and semantic cache -------------------------------------------------------------------
+# A tiny random BERT exported with tasks.encoder, served as `tinyenc` (encoder_embed: dynamic
+# batching up to 16 with a 20 ms queue delay, response cache) on the shared triton_server.
+@pytest.fixture(scope="session")
+def tiny_encoder_export(tmp_path_factory) -> dict:
+    """``{"hf": <tiny BERT folder>, "export": <its ONNX export>}``."""
+    from tasks.encoder import EncoderExportConfig, export_encoder
+    from tests.tiny import make_tiny_encoder
+
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    hf = make_tiny_encoder(root / "hf", layers=2)
+    export_encoder(hf, root / "export", EncoderExportConfig())
+    return {"hf": hf, "export": root / "export"}
+
+
+@pytest.fixture(scope="session")
+def triton_encoder(triton_server, tiny_encoder_export) -> ServedModel:
+    from serving.model_config import ModelConfigSpec, VersionPolicy
+    from serving.repository import ModelRepository
+    from serving.semantic_cache import write_encoder_version
+
+    name = "tinyenc"
+    repo = ModelRepository(triton_server.config.model_repository)
+    write_encoder_version(repo, name, 1, tiny_encoder_export["export"])
+    spec = ModelConfigSpec.encoder_embed(name, max_batch_size=16, max_queue_delay_microseconds=20000,
+                                         version_policy=VersionPolicy.specific(1))
+    repo.write_config(name, spec.to_pbtxt())
+    triton_server.load(name)
+    return ServedModel(triton_server, name, 1)
