@@ -93,6 +93,7 @@ def generate_batch(url: str, model: str, prompts: Sequence[str], max_tokens: int
                    temperature: float | None = None, version: str | int = "", protocol: Protocol = "grpc",
                    timeout_s: float = 60.0) -> list[str]:
     """Generate for several prompts sent as one request (one row each); all succeed or all fail."""
+    check_model_name(model)
     version = str(version)
     client = _client(url, protocol, timeout_s)
     try:
@@ -115,6 +116,7 @@ def generate_concurrent(url: str, model: str, prompts: Sequence[str], max_tokens
     """
     import tritonclient.grpc as g
 
+    check_model_name(model)
     version = str(version)
     client = g.InferenceServerClient(url)
     results: list[str | ServingError | None] = [None] * len(prompts)
@@ -221,3 +223,199 @@ def cache_hits_from_metrics(metrics_text: str, model: str, version: str | int = 
         if lab.get("model") == model and (not str(version) or lab.get("version") == str(version)):
             total += float(value)
     return int(total)
+
+
+# -- streaming (decoupled models such as llm_continuous) ------------------------------------------
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def check_model_name(model: str) -> str:
+    """``model`` if Triton could serve a model of that name; raises before anything is sent otherwise.
+
+    Names become URL path segments (``/v2/models/<name>/...``) and repository folders, so a
+    separator or ``..`` would address something else rather than fail.
+
+    Raises:
+        InvalidRequest: empty, or not only letters, digits, ``_``, ``.``, ``-`` (or starting with ``.``/``-``).
+    """
+    from tasks.errors import InvalidRequest
+
+    if not isinstance(model, str) or not _MODEL_NAME.fullmatch(model):
+        raise InvalidRequest(f"model name {model!r} is not servable: use letters, digits, '_', '.', '-' "
+                             f"(no path separators), starting with a letter, digit or '_'")
+    return model
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed response: new text, and the finish reason on the last one.
+
+    Attributes:
+        text: text added by this response ("" is possible on the last one).
+        finish_reason: "" until the last response, then ``stop`` or ``length``.
+        received_s: ``time.perf_counter()`` when the client got it.
+    """
+
+    text: str
+    finish_reason: str
+    received_s: float
+
+    @property
+    def final(self) -> bool:
+        return bool(self.finish_reason)
+
+
+def _stream_inputs(prompt: str, max_tokens: int | None, temperature: float | None, top_p: float | None,
+                   stop: Sequence[str], seed: int | None, ignore_eos: bool | None):
+    import tritonclient.grpc as g
+
+    def one(name: str, value, dtype: str, np_dtype) -> "g.InferInput":
+        arr = np.array([[value]], dtype=np_dtype)
+        t = g.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        return t
+
+    ins = [one("text_input", prompt.encode("utf-8"), "BYTES", np.object_)]
+    for name, value, dtype, np_dtype in (("max_tokens", max_tokens, "INT32", np.int32),
+                                         ("temperature", temperature, "FP32", np.float32),
+                                         ("top_p", top_p, "FP32", np.float32), ("seed", seed, "INT64", np.int64),
+                                         ("ignore_eos", ignore_eos, "BOOL", np.bool_)):
+        if value is not None:
+            ins.append(one(name, value, dtype, np_dtype))
+    if stop:
+        arr = np.array([[s.encode("utf-8") for s in stop]], dtype=np.object_)
+        t = g.InferInput("stop", list(arr.shape), "BYTES")
+        t.set_data_from_numpy(arr)
+        ins.append(t)
+    return ins
+
+
+def _stream_body(prompt: str, max_tokens: int | None, temperature: float | None, top_p: float | None,
+                 stop: Sequence[str], seed: int | None, ignore_eos: bool | None) -> dict:
+    body: dict = {"text_input": prompt}
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("seed", seed), ("ignore_eos", ignore_eos)):
+        if value is not None:
+            body[name] = value
+    if stop:
+        body["stop"] = list(stop)
+    return body
+
+
+def generate_stream(url: str, model: str, prompt: str, max_tokens: int | None = 16, *,
+                    temperature: float | None = None, top_p: float | None = None, stop: Sequence[str] = (),
+                    seed: int | None = None, ignore_eos: bool | None = None, version: str | int = "",
+                    protocol: Protocol = "grpc", timeout_s: float = 60.0):
+    """Stream one generation from a decoupled model; yields ``StreamChunk``s until the final one.
+
+    Over gRPC a bidirectional stream is opened per call; leaving the loop early (``break``,
+    an exception, closing the generator) cancels the request on the server, which frees its
+    batch row. Over HTTP the ``generate_stream`` endpoint (server-sent events) is read.
+
+    Args:
+        url: ``host:port`` of the gRPC (default) or HTTP endpoint.
+        model: Triton model name.
+        prompt: the prompt text.
+        max_tokens: new tokens (default 16; None: the model's default).
+        temperature / top_p / seed: sampling (defaults None: the model's defaults, greedy).
+        stop: stop sequences (default none).
+        ignore_eos: generate past EOS up to ``max_tokens`` (default None: the model's default, False).
+        version: model version (default "": the server's choice).
+        protocol: ``grpc`` or ``http`` (default grpc).
+        timeout_s: longest wait for the next response (default 60).
+
+    Raises:
+        InvalidRequest: the model name is not servable (nothing is sent).
+        ServingError: the server refused the request (the message has its reason), or went quiet
+            for ``timeout_s``.
+    """
+    check_model_name(model)
+    version = str(version)
+    args = (prompt, max_tokens, temperature, top_p, tuple(stop), seed, ignore_eos)
+    if protocol == "http":
+        yield from _stream_http(url, model, version, _stream_body(*args), timeout_s)
+        return
+    if protocol != "grpc":
+        raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
+    import queue
+    import time
+
+    import tritonclient.grpc as g
+
+    inbox: "queue.Queue[tuple[object, object, float]]" = queue.Queue()
+    client = g.InferenceServerClient(url)
+    finished = False
+    try:
+        client.start_stream(callback=lambda result=None, error=None: inbox.put((result, error, time.perf_counter())))
+        client.async_stream_infer(model, _stream_inputs(*args), model_version=version)
+        while True:
+            try:
+                result, error, at = inbox.get(timeout=timeout_s)
+            except queue.Empty:
+                raise ServingError(f"no response from {model} at {url} for {timeout_s:.0f}s") from None
+            if error is not None:
+                finished = True  # the server ended this request itself
+                raise _serving_error(error, url, model, version)
+            text = result.as_numpy("text_output")
+            reason = result.as_numpy("finish_reason")
+            chunk = StreamChunk(_first_text(text), _first_text(reason), at)
+            if chunk.final:
+                finished = True
+            yield chunk
+            if finished:
+                return
+    finally:
+        # Cancelling tells the server the client is gone, so it frees the request's batch row.
+        client.stop_stream(cancel_requests=not finished)
+        client.close()
+
+
+def _first_text(arr) -> str:
+    if arr is None:
+        return ""
+    v = arr.reshape(-1)[0]
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _stream_http(url: str, model: str, version: str, body: dict, timeout_s: float):
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/generate_stream"
+    req = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode("utf-8"), method="POST",
+                                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    where = f"{model}" + (f" v{version}" if version else "") + f" at {url}"
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout_s)
+    except urllib.error.HTTPError as e:
+        raise ServingError(f"inference on {where} failed (HTTP {e.code}): {_sse_error(e.read())}") from e
+    except OSError as e:
+        raise ServingError(f"inference on {where} failed: {e}") from e
+    with resp:
+        for raw in resp:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[len("data:"):])
+            if "error" in event:
+                raise ServingError(f"inference on {where} failed: {event['error']}")
+            chunk = StreamChunk(str(event.get("text_output", "")), str(event.get("finish_reason", "")),
+                                time.perf_counter())
+            yield chunk
+            if chunk.final:
+                return
+    raise ServingError(f"stream from {where} ended without a final response")
+
+
+def _sse_error(body: bytes) -> str:
+    import json
+
+    text = body.decode("utf-8", errors="replace").strip()
+    if text.startswith("data:"):
+        text = text[len("data:"):].strip()
+    try:
+        return str(json.loads(text).get("error", text))
+    except (ValueError, AttributeError):
+        return text

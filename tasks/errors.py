@@ -110,3 +110,25 @@ class ServingError(TrimflowError):
     """The local serving runtime (Triton) could not be started or reached."""
 
     retryable = True
+
+
+class InvalidRequest(ServingError, ValueError):
+    """A serving request that cannot succeed as sent (a model name with a path separator, an empty
+    prompt); raised before anything is sent, and never worth retrying."""
+
+    retryable = False
+
+
+class PromptBudgetError(InvalidRequest):
+    """A rendered prompt has more tokens than its template's budget and the policy is to refuse.
+
+    Attributes:
+        template: the template's name.
+        budget: the token budget.
+        count: tokens the prompt would have had.
+    """
+
+    def __init__(self, template: str, budget: int, count: int, detail: str = "") -> None:
+        self.template, self.budget, self.count = template, budget, count
+        super().__init__(f"prompt for template {template!r} has {count} tokens, over its budget of {budget} tokens"
+                         + (f": {detail}" if detail else ""))
