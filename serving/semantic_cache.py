@@ -687,6 +687,19 @@ def ask_gateway(url: str, model: str, prompts: Sequence[str], max_tokens: int | 
         client.close()
 
 
+_GATEWAY_METRIC = re.compile(r'^trimflow_semantic_cache_requests_total\{([^}]*)\}\s+([0-9.eE+]+)\s*$', re.M)
+
+
+def gateway_counts(metrics_text: str, model: str) -> dict[str, int]:
+    """The gateway's outcome counters (hit, miss, guarded, bypass, error) from Triton's Prometheus text."""
+    counts: dict[str, int] = {}
+    for labels, value in _GATEWAY_METRIC.findall(metrics_text):
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if lab.get("model") == model:
+            counts[lab["result"]] = counts.get(lab["result"], 0) + int(float(value))
+    return counts
+
+
 def describe(config: SemanticCacheConfig) -> str:
     """One line for logs: where entries live and how hits are decided (never the URL's password)."""
     where = "embedded"
