@@ -62,5 +62,9 @@ test-integration: setup
 test-infra: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/infra $(PYTEST_ARGS)
 
+# Benchmarks report numbers (reports/bench*.json); they never assert timings.
+bench: setup
+	$(PY) -m benchmarks.bench $(ARGS)
+
 clean-state: stop
 	rm -rf $(TRIMFLOW_HOME)

@@ -7,9 +7,10 @@ Takes a Hugging Face causal LM (packaged SmolLM2-135M-Instruct by default, or a 
 1. **ingest_model** → fp32 safetensors folder + content hash
 2. **validate_data** → news text split train/eval/calib, Great Expectations suite (bad data stops here)
 3. **baseline** → teacher perplexity, size, latency, tokens/s
-4. **distill** → shallower student trained with knowledge distillation (resumes from checkpoints)
-5. **prune** → structured MLP pruning (matrices really shrink)
-6. **export** / **quantize** → ONNX with KV cache (parity-checked) and ONNX Runtime INT8
+4-9. the **recipe**, one task per stage (a stage without steps passes through):
+   **distill** (KD student, resumable) → **prune** (structured: heads, neurons, layers) →
+   **compress** (low-rank, weight sharing) → **early_exit** (calibrated exits) →
+   **export** (ONNX with KV cache, parity-checked) → **quantize** (INT8 dynamic/static, INT4, FP16)
 7. **evaluate** → the candidate measured exactly like the baseline
 8. **quality_gate** → perplexity ratio, speedup, size; a failure stops before the registry
 9. **register** → MLflow run + model version, alias `challenger`, lineage tags
@@ -19,7 +20,8 @@ Takes a Hugging Face causal LM (packaged SmolLM2-135M-Instruct by default, or a 
 
 Every task is a thin wrapper over a function in `tasks/pipeline.py`; outputs are published
 per run id, so a retried task finds its finished work. Pick `profile=quick` (default, CPU),
-`ci` (smallest real run) or `full` (quality, GPU recommended).
+`ci` (smallest real run) or `full` (quality, GPU recommended), and either tick `techniques`
+or name a `recipe` (a file in `tasks/recipes/` or a YAML path).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ PARAMS = {
     "techniques": Param(["distill", "prune", "quantize"], type="array",
                         items={"type": "string", "enum": ["distill", "prune", "quantize"]},
                         title="Techniques", description="Applied in pipeline order; unchecked ones pass through."),
+    "recipe": Param(None, type=["null", "string"], title="Recipe",
+                    description="A recipe from tasks/recipes/ (e.g. quick) or a YAML path; replaces Techniques."),
     "registered_model": Param("trimflow-smollm2", type="string", pattern=r"^[A-Za-z0-9_.-]{1,128}$",
                               title="Registered model name"),
     "data_source": Param(None, type=["null", "string"], title="Data source",
@@ -103,21 +107,16 @@ def optimize_model():
     def baseline(conf: dict, model: dict, data: dict, run_id: str | None = None) -> dict:
         return _step("baseline", conf, run_id, model, data)
 
-    @task
-    def distill(conf: dict, model: dict, data: dict, run_id: str | None = None) -> dict:
-        return _step("distill", conf, run_id, model, data)
+    def stage_task(stage: str):
+        @task(task_id=stage, doc_md=f"Apply the recipe's **{stage}** steps (pass-through when it has none).")
+        def run(conf: dict, upstream: dict, model: dict, data: dict, run_id: str | None = None) -> dict:
+            return _step("run_stage", conf, run_id, stage, upstream, model, data)
+
+        return run
 
     @task
-    def prune(conf: dict, student: dict, data: dict, run_id: str | None = None) -> dict:
-        return _step("prune", conf, run_id, student, data)
-
-    @task
-    def export(conf: dict, pruned: dict, run_id: str | None = None) -> dict:
-        return _step("export", conf, run_id, pruned)
-
-    @task
-    def quantize(conf: dict, exported: dict, data: dict, run_id: str | None = None) -> dict:
-        return _step("quantize", conf, run_id, exported, data)
+    def start_point(model: dict) -> dict:
+        return _step("start_point", model)
 
     @task
     def evaluate(conf: dict, candidate: dict, data: dict, run_id: str | None = None) -> dict:
@@ -128,9 +127,9 @@ def optimize_model():
         return _step("quality_gate", conf, run_id, teacher, candidate)
 
     @task
-    def register(conf: dict, model: dict, data: dict, exported: dict, candidate: dict, teacher: dict,
-                 measured: dict, verdict: dict, run_id: str | None = None) -> dict:
-        return _step("register", conf, run_id, model, data, exported, candidate, teacher, measured, verdict)
+    def register(conf: dict, model: dict, data: dict, candidate: dict, teacher: dict, measured: dict, verdict: dict,
+                 run_id: str | None = None) -> dict:
+        return _step("register", conf, run_id, model, data, candidate, teacher, measured, verdict)
 
     @task
     def deploy(conf: dict, registered: dict, candidate: dict, run_id: str | None = None) -> dict:
@@ -142,26 +141,25 @@ def optimize_model():
 
     @task
     def report(conf: dict, model: dict, data: dict, teacher: dict, measured: dict, verdict: dict,
-               registered: dict, deployed: dict, smoke: dict, run_id: str | None = None) -> dict:
+               registered: dict, deployed: dict, smoke: dict, chain: dict, run_id: str | None = None) -> dict:
         return _step("report", conf, run_id, model=model, data=data, teacher=teacher, candidate=measured,
-                               verdict=verdict, registered=registered, deployed=deployed, smoke=smoke)
+                     verdict=verdict, registered=registered, deployed=deployed, smoke=smoke, chain=chain)
 
     conf = resolve_config()
     model = ingest_model(conf)
     data = validate_data(conf)
     teacher = baseline(conf, model, data)
-    student = distill(conf, model, data)
+    chain = start_point(model)
     # The teacher is timed alone: a concurrent distillation would slow it and inflate the speedup.
-    teacher >> student
-    pruned = prune(conf, student, data)
-    exported = export(conf, pruned)
-    candidate = quantize(conf, exported, data)
-    measured = evaluate(conf, candidate, data)
+    teacher >> chain
+    for stage in ("distill", "prune", "compress", "early_exit", "export", "quantize"):
+        chain = stage_task(stage)(conf, chain, model, data)
+    measured = evaluate(conf, chain, data)
     verdict = quality_gate(conf, teacher, measured)
-    registered = register(conf, model, data, exported, candidate, teacher, measured, verdict)
-    deployed = deploy(conf, registered, candidate)
+    registered = register(conf, model, data, chain, teacher, measured, verdict)
+    deployed = deploy(conf, registered, chain)
     smoke = smoke_test(conf, registered, deployed)
-    report(conf, model, data, teacher, measured, verdict, registered, deployed, smoke)
+    report(conf, model, data, teacher, measured, verdict, registered, deployed, smoke, chain)
 
 
 optimize_model()

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from tasks.errors import TrimflowError
+from tasks.technique import STAGES
 
 
 def _params(profile: str, items: list[str]) -> dict[str, Any]:
@@ -37,17 +38,16 @@ def run_pipeline(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     model = p.ingest_model(conf, run_id)
     data = p.validate_data(conf, run_id)
     teacher = p.baseline(conf, run_id, model, data)
-    student = p.distill(conf, run_id, model, data)
-    pruned = p.prune(conf, run_id, student, data)
-    exported = p.export(conf, run_id, pruned)
-    candidate = p.quantize(conf, run_id, exported, data)
-    measured = p.evaluate_candidate(conf, run_id, candidate, data)
+    chain = p.start_point(model)
+    for stage in STAGES:
+        chain = p.run_stage(conf, run_id, stage, chain, model, data)
+    measured = p.evaluate_candidate(conf, run_id, chain, data)
     verdict = p.quality_gate(conf, run_id, teacher, measured)
-    registered = p.register(conf, run_id, model, data, exported, candidate, teacher, measured, verdict)
-    deployed = p.deploy(conf, run_id, registered, candidate)
+    registered = p.register(conf, run_id, model, data, chain, teacher, measured, verdict)
+    deployed = p.deploy(conf, run_id, registered, chain)
     smoke = p.smoke_test(conf, run_id, registered, deployed)
     return p.report(conf, run_id, model=model, data=data, teacher=teacher, candidate=measured, verdict=verdict,
-                    registered=registered, deployed=deployed, smoke=smoke)
+                    registered=registered, deployed=deployed, smoke=smoke, chain=chain)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,13 +227,17 @@ class OptimizeConfig(_Frozen):
         profile: the preset this config started from (``quick`` CPU default, ``full``, ``ci``).
         source: model source: ``smollm2`` (packaged default), a local HF folder, ``s3://…``,
             ``models:/name@alias`` or ``pkg:<package>/<file.gguf>``.
-        techniques: techniques applied in pipeline order, any of ``distill``, ``prune``, ``quantize``.
+        techniques: techniques applied in pipeline order, any of ``distill``, ``prune``, ``quantize``,
+            with the settings of the sections below (ignored when ``recipe`` is set).
+        recipe: a recipe name from ``tasks/recipes/`` or a YAML path; it replaces ``techniques`` and
+            the per-technique sections (default None: the chain built from ``techniques``).
         registered_model: MLflow registered model name (default ``trimflow-smollm2``).
     """
 
     profile: str = "quick"
     source: str = DEFAULT_SOURCE
     techniques: tuple[str, ...] = TECHNIQUES
+    recipe: str | None = None
     registered_model: str = Field("trimflow-smollm2", pattern=r"^[A-Za-z0-9_.-]{1,128}$")
     data: DataConfig = DataConfig()
     distill: DistillConfig = DistillConfig()
@@ -269,6 +273,22 @@ class OptimizeConfig(_Frozen):
         if not v or not v.strip():
             raise ValueError("model source is empty")
         return v.strip()
+
+    def build_recipe(self):
+        """The recipe this run applies: the named one, or the chain built from ``techniques``."""
+        from tasks import recipe as recipe_mod
+
+        if self.recipe:
+            return recipe_mod.load(self.recipe)
+        steps: list[dict[str, Any]] = []
+        if "distill" in self.techniques:
+            steps.append({"technique": "distill", **self.distill.model_dump()})
+        if "prune" in self.techniques and self.prune.mlp_ratio > 0:
+            steps.append({"technique": "prune_mlp", **self.prune.model_dump()})
+        steps.append({"technique": "export_onnx", **self.export.model_dump()})
+        if "quantize" in self.techniques:
+            steps.append({"technique": "quantize_dynamic_int8", **self.quantize.model_dump()})
+        return recipe_mod.Recipe(name=f"{self.profile}-techniques", kind="causal_lm", steps=steps)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "OptimizeConfig":
@@ -312,6 +332,7 @@ class OptimizeConfig(_Frozen):
 FLAT_PARAMS: dict[str, tuple[str | None, str]] = {
     "source": (None, "source"),
     "techniques": (None, "techniques"),
+    "recipe": (None, "recipe"),
     "registered_model": (None, "registered_model"),
     "data_source": ("data", "source"),
     "max_documents": ("data", "max_documents"),

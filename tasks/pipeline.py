@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import OptimizeConfig
+from tasks.errors import ConfigError
 from tasks.settings import Settings
 from tasks.steps import RESULT, run_step, safe_run_id, step_dir, store_from_settings
 
@@ -45,8 +46,10 @@ def prompts_from(texts: list[str], n: int, chars: int = 160) -> list[str]:
 
 # -- 0. config --------------------------------------------------------------------------------
 def resolve_config(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate the trigger's Params into an ``OptimizeConfig`` (fails before any work)."""
-    return OptimizeConfig.from_params(params).model_dump(mode="json")
+    """Validate the trigger's Params and the recipe they name (fails before any work)."""
+    cfg = OptimizeConfig.from_params(params)
+    cfg.build_recipe().plan()  # unknown technique, bad field, wrong order: a ConfigError now, not mid-run
+    return cfg.model_dump(mode="json")
 
 
 # -- 1. ingest ----------------------------------------------------------------------------------
@@ -150,71 +153,59 @@ def evaluate_candidate(conf: dict[str, Any], run_id: str, candidate: dict[str, A
                                              "data": data_result["data_hash"]}, work)
 
 
-# -- 4-6. distill, prune, export, quantize ------------------------------------------------------
-def distill(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_result: dict[str, Any]) -> dict[str, Any]:
-    """Knowledge-distil a shallower student; passes the teacher through when not selected."""
-    from tasks import distill as distill_mod
+# -- 4-6. the recipe, stage by stage: distill, prune, compress, early_exit, export, quantize ----------
+def start_point(model: dict[str, Any]) -> dict[str, Any]:
+    """The model a recipe starts from: the ingested teacher, in HF form."""
+    return {"uri": model["model_uri"], "form": "hf", "hf_uri": model["model_uri"], "steps": []}
+
+
+def run_stage(conf: dict[str, Any], run_id: str, stage: str, upstream: dict[str, Any], model: dict[str, Any],
+              data_result: dict[str, Any]) -> dict[str, Any]:
+    """Apply the recipe's steps of ``stage`` in order to ``upstream``; a stage with no step passes through.
+
+    Every step is its own published artifact (``<run>/steps/<i>-<technique>``) with its config and
+    result, keyed by its input, so a retried task reuses finished steps and the report can show
+    what each step bought.
+    """
     from tasks.steps import scratch_resume_dir
+    from tasks.technique import STAGES, StepContext
 
+    if stage not in STAGES:
+        raise ConfigError("stage", stage, f"must be one of {STAGES}")
     cfg = _cfg(conf)
-    _, store, rid = _ctx(run_id)
-    if "distill" not in cfg.techniques:
-        return {"uri": model["model_uri"], "skipped": True}
+    settings, store, rid = _ctx(run_id)
+    recipe = cfg.build_recipe()
+    plan = [(i, tech, tcfg) for i, tech, tcfg in recipe.plan() if tech.stage == stage]
+    current = dict(upstream)
+    current.setdefault("steps", [])
+    if not plan:
+        return current | {"stage": stage, "skipped": True}
     teacher_dir = step_dir(store, model["model_uri"])
-    train = _texts(store, data_result, "train")
+    cache: dict[str, list[str]] = {}
 
-    def work(out: Path) -> dict[str, Any]:
-        return distill_mod.distill(cfg.distill, teacher_dir, train, out,
-                                   resume_dir=scratch_resume_dir(store, rid, "distill"))
+    def texts(split: str) -> list[str]:
+        if split not in cache:
+            cache[split] = _texts(store, data_result, split)
+        return cache[split]
 
-    return run_step(store, rid, "distill", {"distill": cfg.distill.model_dump(), "teacher": model["content_hash"],
-                                            "data": data_result["data_hash"]}, work)
-
-
-def prune(conf: dict[str, Any], run_id: str, upstream: dict[str, Any], data_result: dict[str, Any]) -> dict[str, Any]:
-    """Structured MLP pruning ranked on calibration text; passes through when not selected."""
-    from tasks import prune as prune_mod
-
-    cfg = _cfg(conf)
-    _, store, rid = _ctx(run_id)
-    if "prune" not in cfg.techniques or cfg.prune.mlp_ratio == 0:
-        return {"uri": upstream["uri"], "skipped": True}
-    src = step_dir(store, upstream["uri"])
-    calib = _texts(store, data_result, "calib")
-    return run_step(store, rid, "prune", {"prune": cfg.prune.model_dump(), "input": upstream["uri"],
-                                          "data": data_result["data_hash"]},
-                    lambda out: prune_mod.prune_mlp(cfg.prune, src, out, calib_texts=calib))
-
-
-def export(conf: dict[str, Any], run_id: str, upstream: dict[str, Any]) -> dict[str, Any]:
-    """ONNX export with a KV cache; fails loudly if logits differ from PyTorch beyond ``export.atol``."""
-    from tasks import export as export_mod
-
-    cfg = _cfg(conf)
-    _, store, rid = _ctx(run_id)
-    src = step_dir(store, upstream["uri"])
-
-    def work(out: Path) -> dict[str, Any]:
-        info = export_mod.export_causal_lm(src, out / "onnx", cfg.export)
-        _link_tree(src, out / "hf")  # the PyTorch form travels with the export for registration
-        return info
-
-    return run_step(store, rid, "export", {"export": cfg.export.model_dump(), "input": upstream["uri"]}, work)
-
-
-def quantize(conf: dict[str, Any], run_id: str, exported: dict[str, Any], data_result: dict[str, Any]) -> dict[str, Any]:
-    """ONNX Runtime dynamic INT8, checked on calibration text; passes the fp32 export through when not selected."""
-    from tasks import quantize as quantize_mod
-
-    cfg = _cfg(conf)
-    _, store, rid = _ctx(run_id)
-    if "quantize" not in cfg.techniques:
-        return {"uri": exported["uri"], "subdir": "onnx", "skipped": True, "size_bytes": exported["size_bytes"]}
-    src = step_dir(store, exported["uri"]) / "onnx"
-    calib = _texts(store, data_result, "calib")
-    return run_step(store, rid, "quantize", {"quantize": cfg.quantize.model_dump(), "input": exported["uri"],
-                                             "data": data_result["data_hash"]},
-                    lambda out: quantize_mod.quantize_dynamic_int8(cfg.quantize, src, out, probe_texts=calib))
+    for index, tech, tcfg in plan:
+        name = f"{index:02d}-{tech.name}"
+        src = model_path(store, current)
+        ctx = StepContext(kind=recipe.kind, teacher_dir=teacher_dir, texts=texts,
+                          resume_dir=scratch_resume_dir(store, rid, name),
+                          hf_dir=model_path(store, {"uri": current["hf_uri"]}) if current.get("hf_uri") else None)
+        key_config = {"technique": tech.name, "config": tcfg.model_dump(mode="json"), "input": current["uri"],
+                      "teacher": model["content_hash"], "data": data_result["data_hash"]}
+        result = run_step(store, rid, f"steps/{name}", key_config,
+                          lambda out, tech=tech, tcfg=tcfg, src=src, ctx=ctx: tech.run(tcfg, src, out, ctx))
+        current = {
+            "uri": result["uri"],
+            "form": tech.produces,
+            "hf_uri": result["uri"] if tech.produces == "hf" else current.get("hf_uri"),
+            "steps": current["steps"] + [{"step": name, "technique": tech.name, "stage": stage, "uri": result["uri"],
+                                          "seconds": result.get("seconds"), "reused": result.get("reused")}],
+        }
+    return current | {"stage": stage}
 
 
 # -- 8. quality gate --------------------------------------------------------------------------------
@@ -252,8 +243,8 @@ def metrics_of(teacher: dict[str, Any], candidate: dict[str, Any], verdict: dict
 
 
 def register(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_result: dict[str, Any],
-             exported: dict[str, Any], candidate: dict[str, Any], teacher_metrics: dict[str, Any],
-             candidate_metrics: dict[str, Any], verdict: dict[str, Any]) -> dict[str, Any]:
+             candidate: dict[str, Any], teacher_metrics: dict[str, Any], candidate_metrics: dict[str, Any],
+             verdict: dict[str, Any]) -> dict[str, Any]:
     """A new MLflow model version with alias ``challenger`` and lineage tags."""
     from tasks import registry
 
@@ -268,13 +259,15 @@ def register(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_resu
         "trimflow.teacher_hash": model["content_hash"],
         "trimflow.source": cfg.source,
         "trimflow.data_hash": data_result["data_hash"],
-        "trimflow.recipe": ",".join(cfg.techniques),
+        "trimflow.recipe": ",".join(step["technique"] for step in candidate.get("steps", [])),
+        "trimflow.recipe_name": cfg.build_recipe().name,
         "trimflow.profile": cfg.profile,
         "trimflow.config_digest": cfg.digest(),
     }
     req = registry.RegisterRequest(
         name=cfg.registered_model, run_id=rid, onnx_dir=model_path(store, candidate),
-        hf_dir=step_dir(store, exported["uri"]) / "hf", params=flat_params(cfg),
+        hf_dir=model_path(store, {"uri": candidate["hf_uri"]}) if candidate.get("hf_uri") else None,
+        params=flat_params(cfg),
         metrics=metrics_of(teacher_metrics, candidate_metrics, verdict), tags=tags, artifacts=artifacts)
     return registry.register(req, settings.mlflow_tracking_uri)
 
@@ -282,7 +275,7 @@ def register(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_resu
 # -- 12. report --------------------------------------------------------------------------------------
 def report(conf: dict[str, Any], run_id: str, *, model: dict[str, Any], data: dict[str, Any], teacher: dict[str, Any],
            candidate: dict[str, Any], verdict: dict[str, Any], registered: dict[str, Any], deployed: dict[str, Any],
-           smoke: dict[str, Any], steps: dict[str, Any] | None = None) -> dict[str, Any]:
+           smoke: dict[str, Any], chain: dict[str, Any] | None = None) -> dict[str, Any]:
     """JSON + Markdown summary, written to the state folder and logged to the MLflow run."""
     from tasks import registry
     from tasks import report as report_mod
@@ -306,7 +299,8 @@ def report(conf: dict[str, Any], run_id: str, *, model: dict[str, Any], data: di
         "student": candidate,
         "gates": verdict,
         "cost": cost,
-        "steps": steps or _step_summaries(store, rid),
+        "recipe": cfg.build_recipe().name,
+        "steps": _step_summaries(store, rid, chain),
         "registered_model": {k: registered.get(k) for k in ("name", "version", "aliases", "mlflow_run_id")},
         "triton": deployed,
         "smoke_test": smoke,
@@ -324,16 +318,18 @@ def report(conf: dict[str, Any], run_id: str, *, model: dict[str, Any], data: di
     return {"report": paths, "registered_model": doc["registered_model"]}
 
 
-def _step_summaries(store, rid: str) -> dict[str, Any]:
-    """One line per published step: what it produced and how long it took."""
+def _step_summaries(store, rid: str, chain: dict[str, Any] | None) -> dict[str, Any]:
+    """Per published step: its scalar results (sizes, parameters, losses, timings)."""
+    names = ["ingest", "data", "baseline"] + [f"steps/{st['step']}" for st in (chain or {}).get("steps", [])]
+    names.append("evaluate")
     out: dict[str, Any] = {}
-    for step in ("ingest", "data", "baseline", "distill", "prune", "export", "quantize", "evaluate"):
-        key = f"{rid}/{step}"
+    for name in names:
+        key = f"{rid}/{name}"
         if not store.exists(key):
             continue
         res = json.loads((store.fetch(key) / RESULT).read_text())
-        keep = {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("run_id", "step", "uri")}
-        out[step] = keep
+        out[name.removeprefix("steps/")] = {k: v for k, v in sorted(res.items()) if isinstance(v, (int, float, str))
+                                            and k not in ("run_id", "step", "uri", "config_digest", "resolved_path")}
     return out
 
 

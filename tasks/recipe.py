@@ -70,6 +70,7 @@ class Recipe(BaseModel):
     kind: str = "causal_lm"
     description: str = ""
     steps: tuple[RecipeStep, ...] = ()
+    bench: dict[str, Any] = {}  # how benchmarks/ uses the recipe (role, note); the pipeline ignores it
 
     def plan(self) -> list[tuple[int, Technique, Any]]:
         """Resolve and validate every step; raises ``ConfigError`` naming the bad step and field."""

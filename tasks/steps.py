@@ -77,7 +77,7 @@ def run_step(
         log.info("%s: reusing published result at %s", step, store.uri(key))
         return previous | {"reused": True}
     store.scratch.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f"{step}-", dir=store.scratch))
+    work_dir = Path(tempfile.mkdtemp(prefix=f"{step.replace('/', '-')}-", dir=store.scratch))
     out = work_dir / "out"
     out.mkdir()
     started = time.time()

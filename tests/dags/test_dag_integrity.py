@@ -82,21 +82,22 @@ def test_every_dag_has_tags_docs_and_retries(dagbag):
 
 def test_optimize_model_wires_the_pipeline_in_order(dagbag):
     dag = dagbag.dags["optimize_model"]
-    expected = ["resolve_config", "ingest_model", "validate_data", "baseline", "distill", "prune", "export",
-                "quantize", "evaluate", "quality_gate", "register", "deploy", "smoke_test", "report"]
+    expected = ["resolve_config", "ingest_model", "validate_data", "baseline", "start_point", "distill", "prune",
+                "compress", "early_exit", "export", "quantize", "evaluate", "quality_gate", "register", "deploy",
+                "smoke_test", "report"]
     assert sorted(dag.task_ids) == sorted(expected)
-    chain = ["ingest_model", "distill", "prune", "export", "quantize", "evaluate", "quality_gate", "register",
-             "deploy", "smoke_test", "report"]
+    chain = ["ingest_model", "start_point", "distill", "prune", "compress", "early_exit", "export", "quantize",
+             "evaluate", "quality_gate", "register", "deploy", "smoke_test", "report"]
     for up, down in zip(chain, chain[1:]):
         assert down in dag.get_task(up).get_direct_relative_ids(upstream=False), f"{up} should feed {down}"
-    assert "distill" in dag.get_task("baseline").get_direct_relative_ids(upstream=False), \
+    assert "start_point" in dag.get_task("baseline").get_direct_relative_ids(upstream=False), \
         "the teacher must be timed before distillation starts"
     assert dag.get_task("quality_gate").retries == 0 and dag.get_task("smoke_test").retries == 0
 
 
 def test_optimize_model_params_cover_the_form(dagbag):
     params = dagbag.dags["optimize_model"].params
-    for name in ("source", "techniques", "student_layers", "prune_ratio", "distill_steps", "max_ppl_ratio",
+    for name in ("source", "techniques", "recipe", "student_layers", "prune_ratio", "distill_steps", "max_ppl_ratio",
                  "min_speedup", "max_size_mb", "deploy_target"):
         assert name in params, f"Param {name} missing from the form"
 

@@ -32,7 +32,7 @@ def test_optimize_dag_registers_deploys_and_promotes_when_run_twice(stack, tiny_
     versions = registry_versions(stack, "trimflow-tiny")
     assert [v["version"] for v in versions] == [1]
     assert set(versions[0]["aliases"]) == {"champion", "challenger"}
-    assert versions[0]["tags"]["trimflow.recipe"] == "distill,prune,quantize"
+    assert versions[0]["tags"]["trimflow.recipe"] == "distill,prune_mlp,export_onnx,quantize_dynamic_int8"
     assert versions[0]["tags"]["trimflow.teacher_hash"]
     assert generate_text(stack, "tiny_llm").strip()
 
@@ -105,7 +105,8 @@ def test_optimize_dag_keeps_artifacts_on_s3_when_roots_are_s3(tmp_path_factory, 
                     from tasks.steps import safe_run_id
 
                     rid = safe_run_id(result["run_id"])
-                    for step in ("ingest", "data", "baseline", "distill", "prune", "export", "quantize", "evaluate"):
+                    for step in ("ingest", "data", "baseline", "steps/00-distill", "steps/01-prune_mlp",
+                                 "steps/02-export_onnx", "steps/03-quantize_dynamic_int8", "evaluate"):
                         assert store.exists(f"{rid}/{step}"), f"{step} not published to S3"
                     keys = [o["Key"] for o in client.list_objects_v2(Bucket="trimflow", Prefix="mlflow/")["Contents"]]
                     assert any(k.endswith("model.onnx") or k.endswith(".onnx") for k in keys), keys[:20]
