@@ -21,6 +21,7 @@ import itertools
 import json
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -40,6 +41,9 @@ except ImportError:  # the source tree (unit tests), where they live in serving/
     from serving.runtime.prefix_cache import PrefixCache
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# is_cancelled() is a round trip to the server process per request; a decode step of a real model
+# takes tens of milliseconds, so checking every 20 ms frees a row within about one step.
+_CANCEL_CHECK_S = 0.02
 
 
 def _param(cfg: dict, key: str, default: str) -> str:
@@ -169,10 +173,13 @@ class TritonPythonModel:
 
     # -- the batching thread ---------------------------------------------------------------
     def _loop(self) -> None:
+        checked = 0.0
         while not self._stop.is_set():
             if not self.batcher.wait_for_work(timeout_s=0.5):
                 continue
-            self._check_cancelled()
+            if time.monotonic() - checked >= _CANCEL_CHECK_S:
+                self._check_cancelled()
+                checked = time.monotonic()
             try:
                 events = self.batcher.step()
             except Exception as e:  # a scheduler bug fails the requests in flight, never the stub
