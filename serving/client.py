@@ -308,9 +308,10 @@ def generate_stream(url: str, model: str, prompt: str, max_tokens: int | None = 
                     protocol: Protocol = "grpc", timeout_s: float = 60.0):
     """Stream one generation from a decoupled model; yields ``StreamChunk``s until the final one.
 
-    Over gRPC a bidirectional stream is opened per call; leaving the loop early (``break``,
-    an exception, closing the generator) cancels the request on the server, which frees its
-    batch row. Over HTTP the ``generate_stream`` endpoint (server-sent events) is read.
+    Over gRPC a bidirectional stream is opened per call, over HTTP the ``generate_stream``
+    endpoint (server-sent events) is read. Leaving the loop early (``break``, an exception,
+    closing the generator) cancels the request on the server either way (gRPC: the stream is
+    cancelled; HTTP: the connection closes), which frees its batch row.
 
     Args:
         url: ``host:port`` of the gRPC (default) or HTTP endpoint.

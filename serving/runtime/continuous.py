@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,14 +138,12 @@ class _Seq:
     id: str
     prompt: list[int]
     params: SamplingParams
-    submitted: float
     rng: np.random.Generator
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     past: list[np.ndarray] | None = None  # the prompt's KV while it is being prefilled
     prefilled: int = 0  # prompt tokens whose KV exists
     cached_tokens: int = 0
-    first_token_at: float | None = None
 
     @property
     def kv_len(self) -> int:
@@ -163,15 +160,12 @@ class ContinuousBatcher:
         lm: the model (``OnnxCausalLM`` or anything with its ``forward``/``empty_past``/``decode``).
         config: scheduling limits (default ``BatcherConfig()``).
         prefix_cache: a ``PrefixCache`` to reuse KV of shared prompt prefixes (default None: off).
-        clock: time source (default ``time.perf_counter``).
     """
 
-    def __init__(self, lm: CausalLM, config: BatcherConfig | None = None, prefix_cache=None,
-                 clock=time.perf_counter) -> None:
+    def __init__(self, lm: CausalLM, config: BatcherConfig | None = None, prefix_cache=None) -> None:
         self.lm = lm
         self.config = config or BatcherConfig()
         self.prefix_cache = prefix_cache
-        self.clock = clock
         meta = lm.meta
         self._eos = frozenset(int(e) for e in meta.eos_token_ids)
         self._max_positions = int(meta.max_positions)
@@ -205,7 +199,7 @@ class ContinuousBatcher:
         if len(ids) + params.max_tokens > self._max_positions:
             raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the "
                                f"model's {self._max_positions} positions")
-        seq = _Seq(request_id, ids, params, self.clock(), np.random.default_rng(params.seed))
+        seq = _Seq(request_id, ids, params, np.random.default_rng(params.seed))
         with self._lock:
             if request_id in self._known:
                 raise RequestError(f"request id {request_id!r} is already in flight")
@@ -317,7 +311,6 @@ class ContinuousBatcher:
             if self.prefix_cache is not None:
                 self.prefix_cache.insert(seq.prompt, seq.past)
             token = int(self._sample([seq], logits[:, -1, :])[0])
-            seq.first_token_at = self.clock()
             ev = self._advance(seq, token, batch_rows=0)
             if ev.finished:
                 seq.past = None

@@ -41,18 +41,20 @@ def streaming(triton_server, tiny_llm_export, tmp_path_factory):
 class Background:
     """Consume one stream in a thread, recording every chunk (for requests that overlap)."""
 
-    def __init__(self, server, model: str, prompt: str, **kw) -> None:
+    def __init__(self, server, model: str, prompt: str, protocol: str = "grpc", **kw) -> None:
         self.chunks: list[StreamChunk] = []
         self.error: Exception | None = None
         self.first = threading.Event()
         self.done = threading.Event()
         self.stop = threading.Event()  # set to leave the loop early, which cancels the request
-        self._thread = threading.Thread(target=self._run, args=(server, model, prompt, kw), daemon=True)
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        self._thread = threading.Thread(target=self._run, args=(url, model, prompt, dict(kw, protocol=protocol)),
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, server, model, prompt, kw) -> None:
+    def _run(self, url, model, prompt, kw) -> None:
         try:
-            for chunk in generate_stream(server.grpc_url, model, prompt, timeout_s=60, **kw):
+            for chunk in generate_stream(url, model, prompt, timeout_s=60, **kw):
                 self.chunks.append(chunk)
                 self.first.set()
                 if self.stop.is_set():
@@ -107,14 +109,15 @@ def test_triton_continuous_admits_new_request_into_running_batch_when_it_arrives
     assert window
 
 
-def test_triton_continuous_frees_row_for_waiting_request_when_stream_is_cancelled(streaming) -> None:
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_triton_continuous_frees_row_for_waiting_request_when_client_leaves_stream_over(streaming, protocol) -> None:
     log_before = streaming.log_file.read_text(errors="replace").count("cancelled by the client")
-    first = Background(streaming, "tinystream1", "The city council", max_tokens=LONG, ignore_eos=True)
+    first = Background(streaming, "tinystream1", "The city council", protocol, max_tokens=LONG, ignore_eos=True)
     assert first.first.wait(30)
     waiting = Background(streaming, "tinystream1", "Heavy rain", max_tokens=3, ignore_eos=True)
     time.sleep(0.05)
     assert not waiting.chunks and not first.finished, "the single row should be busy"
-    first.stop.set()  # the client leaves: its stream is cancelled
+    first.stop.set()  # the client leaves: gRPC cancels the stream, HTTP closes the connection
     waiting.join()
     first.join()
     assert waiting.finished and not first.finished and len(first.chunks) < LONG

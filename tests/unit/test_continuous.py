@@ -8,7 +8,6 @@ logic, and a tiny random Llama exported to ONNX for numerical equality with solo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
