@@ -212,3 +212,25 @@ def test_paraphrase_set_flips_really_differ_when_kind_is_negation_or_number() ->
             assert numbers(p["a"]) != numbers(p["b"]), p["id"]
         if p["kind"] == "negation":
             assert p["a"] != p["b"] and numbers(p["a"]) == numbers(p["b"]), p["id"]
+
+
+def test_semantic_eval_scores_hits_wrong_entries_and_flips_when_embeddings_are_controlled() -> None:
+    from benchmarks.serving_caches import semantic_eval
+
+    pairs = [
+        {"group": "g1", "kind": "paraphrase", "variant": "v", "a": "Summarize the vote", "b": "Sum up the vote"},
+        {"group": "g2", "kind": "paraphrase", "variant": "v", "a": "Explain the flood", "b": "Why the flood?"},
+        {"group": "g1", "kind": "number", "variant": "v", "a": "Summarize the vote", "b": "Summarize the 2 votes"},
+        {"group": "g2", "kind": "negation", "variant": "v", "a": "Explain the flood", "b": "Explain no flood"},
+    ]
+    vectors = {"Summarize the vote": (1, 0, 0), "Sum up the vote": (0.99, 0.1, 0),
+               "Explain the flood": (0, 1, 0), "Why the flood?": (0.98, 0, 0.1),  # closest to g1: wrong entry
+               "Summarize the 2 votes": (1, 0, 0), "Explain no flood": (0, 1, 0)}
+
+    def embed(texts):
+        return np.array([vectors[t] for t in texts], np.float32)
+
+    guarded = semantic_eval(pairs, embed, threshold=0.9)
+    assert (guarded["hit_rate"], guarded["paraphrase_wrong_entry_rate"], guarded["wrong_hit_rate"]) == (0.5, 0.5, 0.0)
+    unguarded = semantic_eval(pairs, embed, threshold=0.9, guard=False)
+    assert unguarded["wrong_hit_rate"] == 1.0

@@ -207,6 +207,23 @@ def test_onnx_encoder_gives_same_vector_when_text_is_batched_with_longer_ones(en
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-6)
 
 
+def test_onnx_encoder_runs_length_buckets_when_batch_mixes_short_and_long_texts(encoder_module, tmp_path) -> None:
+    enc = encoder_module.OnnxEncoder(_tiny_onnx_encoder(tmp_path / "enc"))
+    runs: list[tuple[int, int]] = []
+    real_run = enc.session.run
+
+    class Counting:  # onnxruntime sessions do not allow attribute patching
+        def run(self, names, feed):
+            runs.append(feed["input_ids"].shape)
+            return real_run(names, feed)
+
+    enc.session = Counting()
+    texts = ["the budget", "the council voted on the budget after profits rose", "shares rose"]
+    got = enc.embed(texts)
+    assert len(runs) == 2 and sorted(b for b, _ in runs) == [1, 2]  # the two short texts share a run
+    np.testing.assert_allclose(got, np.concatenate([enc.embed([t]) for t in texts]), atol=1e-6)
+
+
 def test_onnx_encoder_truncates_when_text_exceeds_max_length(encoder_module, tmp_path) -> None:
     enc = encoder_module.OnnxEncoder(_tiny_onnx_encoder(tmp_path / "enc"))
     assert enc.max_length == 16

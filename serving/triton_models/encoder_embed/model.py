@@ -23,6 +23,9 @@ import triton_python_backend_utils as pb_utils
 META = "trimflow_encoder.json"
 FORMAT = "trimflow-encoder/1"  # tasks/encoder_common.py ENCODER_FORMAT (the stub cannot import tasks)
 OUTPUT = "sentence_embedding"
+# A bucket holds texts up to 1.25x (+2 tokens) the length of its shortest: at most ~20% padding,
+# and a batch of 8- to 32-word texts runs in about six session calls instead of one.
+BUCKET_SPAN = 1.25
 
 
 class RequestError(ValueError):
@@ -30,7 +33,7 @@ class RequestError(ValueError):
 
 
 class OnnxEncoder:
-    """Tokenizer + ONNX session; ``embed(texts)`` pads each call only to its longest text.
+    """Tokenizer + ONNX session; ``embed(texts)`` pads each length bucket only to its longest text.
 
     Args:
         model_dir: the version folder (export files).
@@ -67,8 +70,31 @@ class OnnxEncoder:
         self.pad_id = int(meta.get("pad_token_id", self.tokenizer.token_to_id("[PAD]") or 0))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``[len(texts), H]`` float32 embeddings, one session run for the whole batch."""
+        """``[len(texts), H]`` float32 embeddings, in the order of ``texts``.
+
+        Texts are sorted by token count and run in length buckets: a batch of 12- and 44-token
+        texts padded to 44 would spend most of its compute on padding, which on CPU costs as
+        much as real tokens.
+        """
         encs = self.tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(encs)), key=lambda i: len(encs[i].ids))
+        out = np.empty((len(encs), 0), np.float32)
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            shortest = len(encs[order[start]].ids)
+            while stop < len(order) and len(encs[order[stop]].ids) <= shortest * BUCKET_SPAN + 2:
+                stop += 1
+            rows = order[start:stop]
+            vectors = self._run([encs[i] for i in rows])
+            if out.shape[1] == 0:
+                out = np.empty((len(encs), vectors.shape[1]), np.float32)
+            out[rows] = vectors
+            start = stop
+        return out
+
+    def _run(self, encs: list) -> np.ndarray:
+        """One session run over ``encs`` right-padded to the longest of them."""
         longest = max(len(e.ids) for e in encs)
         ids = np.full((len(encs), longest), self.pad_id, np.int64)
         mask = np.zeros((len(encs), longest), np.int64)
@@ -78,7 +104,7 @@ class OnnxEncoder:
             ids[row, :n], mask[row, :n], types[row, :n] = e.ids, 1, e.type_ids
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         (out,) = self.session.run([OUTPUT], {k: v for k, v in feed.items() if k in self.input_names})
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.asarray(out, dtype=np.float32)
 
 
 def _param(cfg: dict, key: str, default: str) -> str:
@@ -86,7 +112,7 @@ def _param(cfg: dict, key: str, default: str) -> str:
 
 
 class TritonPythonModel:
-    """Every text of every request in one ``execute`` goes through one padded session run."""
+    """Every text of every request in one ``execute`` is embedded together (length-bucketed runs)."""
 
     def initialize(self, args: dict) -> None:
         cfg = json.loads(args["model_config"])
