@@ -507,7 +507,7 @@ class LoadGenerator:
                     out[(name, s.version)] = s
             except ServingError as e:
                 # A model not loaded yet (a canary) has no statistics; the run itself reports failures.
-                log.info("no statistics for %s: %s", name, e)
+                log.debug("no statistics for %s: %s", name, e)
         return out
 
     def summary(self, t0: float, t1: float, stopped_by: str, before: dict, after: dict) -> dict[str, Any]:
