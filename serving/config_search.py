@@ -133,6 +133,7 @@ def with_serving_shape(text: str, *, max_batch_size: int, queue_delay_us: int, i
         cfg.name = name
     cfg.max_batch_size = max_batch_size
     if max_batch_size > 1:
+        cfg.dynamic_batching.SetInParent()  # present even when every field keeps its default (0 delay)
         preferred = [b for b in cfg.dynamic_batching.preferred_batch_size if b <= max_batch_size]
         cfg.dynamic_batching.ClearField("preferred_batch_size")
         cfg.dynamic_batching.preferred_batch_size.extend(preferred)

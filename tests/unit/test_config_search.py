@@ -8,6 +8,7 @@ definition; the real server is exercised in tests/integration/test_triton_search
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,10 @@ def test_with_serving_shape_drops_batcher_cache_and_renames_when_asked() -> None
     assert served_versions(text) == [7]
     shrunk = parse_pbtxt(with_serving_shape(base, max_batch_size=4, queue_delay_us=100, instances=1))
     assert list(shrunk.dynamic_batching.preferred_batch_size) == [4]
+    unbatched = replace(ModelConfigSpec.llm_generate("m", max_batch_size=1), dynamic_batching=None).to_pbtxt()
+    assert not parse_pbtxt(unbatched).HasField("dynamic_batching")
+    regrown = parse_pbtxt(with_serving_shape(unbatched, max_batch_size=4, queue_delay_us=0, instances=1))
+    assert regrown.HasField("dynamic_batching") and regrown.dynamic_batching.max_queue_delay_microseconds == 0
 
 
 def test_search_refuses_batch_sizes_when_model_is_decoupled(setup, tmp_path: Path) -> None:
