@@ -403,7 +403,8 @@ def distill(cfg: DistillConfig, teacher_dir: Path, train_texts: list[str], out_d
         layer), ``src_layers``, ``teacher_layers``, ``student_layers``, ``hidden_size``,
         ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``num_parameters``,
         ``teacher_parameters``, ``src_parameters``, ``steps``, ``resumed_from_step``, ``first_loss``,
-        ``final_loss``, ``avg_loss``, ``final_kl``, ``final_ce``, ``final_hidden``, ``final_attention``,
+        ``final_loss``, ``avg_loss``, ``final_kl``, ``final_ce``, ``first_hidden``, ``final_hidden``,
+        ``final_attention``, ``hidden_channels`` (teacher channels kept when narrowed here, else None),
         ``loss_curve`` (≤ 50 ``[step, loss]`` points), ``tokens_seen``, ``train_windows``,
         ``world_size``, ``seconds``, ``build_seconds``, ``seconds_per_step``, ``device``, ``dtype``.
 
@@ -489,13 +490,14 @@ def distill(cfg: DistillConfig, teacher_dir: Path, train_texts: list[str], out_d
             "num_parameters": count_parameters(student),
             "teacher_parameters": teacher_params,
             "src_parameters": src_params,
+            "hidden_channels": hidden_channels,
             "world_size": env.world,
             "build_seconds": round(build_seconds, 2),
             "seconds": round(time.time() - started, 2),
         }
         result.update(train.summary() if train is not None else {
             "steps": 0, "resumed_from_step": 0, "first_loss": None, "final_loss": None, "avg_loss": None,
-            "final_kl": None, "final_ce": None, "final_hidden": None, "final_attention": None, "loss_curve": [],
+            "final_kl": None, "final_ce": None, "first_hidden": None, "final_hidden": None, "final_attention": None, "loss_curve": [],
             "tokens_seen": 0, "train_windows": 0, "seconds_per_step": None, "device": "cpu", "dtype": "float32"})
         if env.is_main:
             (out_dir / RESULT_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json"), **result}, indent=2))
@@ -737,6 +739,7 @@ class _Training:
             "avg_loss": sum(losses) / len(losses) if losses else None,
             "final_kl": last[1],
             "final_ce": last[2],
+            "first_hidden": self.losses[0][3] if self.losses and self.cfg.hidden_weight > 0 else None,
             "final_hidden": last[3] if self.cfg.hidden_weight > 0 else None,
             "final_attention": last[4] if self.cfg.attention_weight > 0 else None,
             "loss_curve": curve,

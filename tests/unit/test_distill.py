@@ -142,3 +142,133 @@ def test_distill_raises_unsupported_model_error_for_an_encoder(tmp_path):
     enc = make_tiny_encoder(tmp_path / "bert")
     with pytest.raises(UnsupportedModelError, match="bert"):
         distill(DistillConfig(**SMALL, steps=0), enc, [], tmp_path / "o", tmp_path / "r")
+
+
+# -- issue 3: student source, depth/width forms, transfer losses, accumulation ------------------
+def test_kd_config_raises_when_both_depth_forms_are_given():
+    from pydantic import ValidationError
+
+    from tasks.distill import KDConfig
+
+    with pytest.raises(ValidationError, match="not both"):
+        KDConfig(student_layers=2, layer_ratio=0.5)
+
+
+def test_student_depth_applies_layer_ratio_and_skips_selection_when_source_is_not_deeper():
+    from tasks.distill import KDConfig, student_depth
+
+    assert student_depth(KDConfig(layer_ratio=0.5), 30) == 15
+    assert student_depth(KDConfig(student_layers=24), 30) == 24
+    assert student_depth(KDConfig(student_layers=24), 20) == 20  # src already shallower: kept as is
+    assert student_depth(KDConfig(), 30) == 30
+    with pytest.raises(ConfigError, match="distill.layer_ratio"):
+        student_depth(KDConfig(layer_ratio=0.01), 30)
+
+
+def test_lr_lambda_follows_the_named_schedule_after_warmup():
+    from tasks.distill import lr_lambda
+
+    for schedule, end in (("cosine", 0.1), ("linear", 0.1), ("constant", 1.0)):
+        f = lr_lambda(10, 0.2, schedule)
+        assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+        assert f(10) == pytest.approx(end)  # the end of the run: 10% of the peak, or the peak
+    assert lr_lambda(10, 0.2, "linear")(5) > lr_lambda(10, 0.2, "linear")(8)
+
+
+def test_distill_narrows_every_tensor_consistently_and_the_student_reloads(teacher, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.distill import KDConfig
+
+    cfg = KDConfig(**{**SMALL, "student_layers": None}, layer_ratio=0.5, hidden_ratio=0.5, intermediate_ratio=0.5,
+                   head_ratio=0.5, steps=0)
+    result = distill(cfg, teacher, TEXTS, tmp_path / "s", tmp_path / "r")
+
+    conf = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert (conf["num_hidden_layers"], conf["hidden_size"], conf["intermediate_size"]) == (2, 16, 32)
+    assert (conf["num_attention_heads"], conf["num_key_value_heads"], conf["head_dim"]) == (2, 2, 8)
+    s = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    t = AutoModelForCausalLM.from_pretrained(teacher)
+    ch = torch.tensor(result["hidden_channels"])
+    assert len(ch) == 16 and result["num_parameters"] < result["teacher_parameters"] / 3
+    assert torch.equal(s.model.embed_tokens.weight, t.model.embed_tokens.weight[:, ch])
+    assert torch.equal(s.model.norm.weight, t.model.norm.weight[ch])
+    assert s.lm_head.weight.data_ptr() == s.model.embed_tokens.weight.data_ptr()  # still tied
+    sl, tl = s.model.layers[1], t.model.layers[3]
+    assert torch.equal(sl.input_layernorm.weight, tl.input_layernorm.weight[ch])
+    # q rows of the kept heads (8 rows each) and every k/v row (both KV heads stay), input columns = kept channels
+    assert torch.equal(sl.self_attn.k_proj.weight, tl.self_attn.k_proj.weight[:, ch])
+    assert tuple(sl.self_attn.q_proj.weight.shape) == (16, 16) and tuple(sl.self_attn.o_proj.weight.shape) == (16, 16)
+    assert tuple(sl.mlp.down_proj.weight.shape) == (16, 32)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    assert torch.isfinite(s(input_ids=ids).logits).all()
+    assert s.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)  # KV cache with the new shapes
+
+
+def test_distill_starts_from_src_and_keeps_its_depth_when_it_is_shallower(teacher, tmp_path):
+    from tasks.distill import KDConfig, LAYER_MAP_FILE
+
+    first = distill(KDConfig(**SMALL, steps=0), teacher, [], tmp_path / "two", tmp_path / "r1")  # layers [0, 3]
+    result = distill(KDConfig(**{**SMALL, "student_layers": 3}, steps=2), teacher, TEXTS, tmp_path / "out",
+                     tmp_path / "r2", src_dir=tmp_path / "two")
+
+    assert first["teacher_layer_map"] == [0, 3]
+    assert result["src_layers"] == 2 and result["student_layers"] == 2 and result["layer_map"] == [0, 1]
+    # The source's lineage is read back, so its layer 1 is compared with teacher layer 3.
+    assert result["teacher_layer_map"] == [0, 3]
+    assert json.loads((tmp_path / "out" / LAYER_MAP_FILE).read_text()) == {"teacher_layers": 4, "map": [0, 3]}
+    assert result["src_parameters"] < result["teacher_parameters"]
+
+
+def test_distill_hidden_state_loss_decreases_when_transfer_is_on(teacher, tmp_path):
+    from tasks.distill import KDConfig
+
+    # One sentence (5 windows) and alpha_ce=0: the curve then reflects training, not batch-to-batch
+    # noise or a hard-label term that on a random teacher would dominate and move the states.
+    cfg = KDConfig(**{**SMALL, "lr": 1e-3}, steps=10, hidden_weight=1.0, hidden_loss="mse", alpha_ce=0.0)
+    result = distill(cfg, teacher, CORPUS[:1], tmp_path / "out", tmp_path / "r")
+
+    assert result["final_hidden"] < 0.5 * result["first_hidden"]
+    assert result["final_attention"] is None
+
+
+def test_distill_hidden_transfer_through_a_learned_projection_when_src_is_already_narrower(teacher, tmp_path):
+    from tasks.distill import KDConfig
+
+    distill(KDConfig(**SMALL, steps=0, hidden_ratio=0.5), teacher, TEXTS, tmp_path / "narrow", tmp_path / "r1")
+    result = distill(KDConfig(**SMALL, steps=3, hidden_weight=1.0, attention_weight=0.5), teacher, TEXTS,
+                     tmp_path / "out", tmp_path / "r2", src_dir=tmp_path / "narrow")
+
+    assert result["hidden_size"] == 16 and result["hidden_channels"] is None
+    assert result["final_hidden"] > 0 and result["final_attention"] >= 0
+    # The projection only serves the loss: the saved student is a plain 16-wide Llama.
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == 16
+
+
+def test_distill_grad_accumulation_multiplies_the_tokens_per_step(teacher, tmp_path):
+    from tasks.distill import KDConfig
+
+    result = distill(KDConfig(**SMALL, steps=2, grad_accum=3), teacher, TEXTS, tmp_path / "out", tmp_path / "r")
+
+    assert result["tokens_seen"] == 2 * 3 * 2 * 16 and result["steps"] == 2
+
+
+def test_distill_raises_config_error_before_work_when_width_keeps_nothing(teacher, tmp_path):
+    from tasks.distill import KDConfig
+
+    with pytest.raises(ConfigError, match="head_ratio"):
+        distill(KDConfig(**SMALL, steps=0, head_ratio=0.2), teacher, TEXTS, tmp_path / "o", tmp_path / "r")
+    assert not (tmp_path / "o").exists()
+
+
+def test_distill_technique_trains_src_against_the_context_teacher(teacher, tmp_path):
+    from tasks.distill import KDConfig, TECHNIQUES
+    from tasks.technique import StepContext
+
+    distill(KDConfig(**SMALL, steps=0), teacher, [], tmp_path / "src", tmp_path / "r0")
+    ctx = StepContext(kind="causal_lm", teacher_dir=teacher, texts=lambda split: TEXTS, resume_dir=tmp_path / "r")
+    result = TECHNIQUES[0].run(KDConfig(**SMALL, steps=1), tmp_path / "src", tmp_path / "out", ctx)
+
+    assert result["teacher_layers"] == 4 and result["src_layers"] == 2
+    assert (tmp_path / "r" / distill_mod.CHECKPOINT).is_file()
