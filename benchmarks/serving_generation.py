@@ -176,7 +176,7 @@ def _deploy(server, model_dir: Path, threads: int) -> list[str]:
 
 def generation(server, count_tokens: Callable[[str], int], quick: bool) -> dict[str, Any]:
     """Tokens/s and TTFT of both batching modes under the same workload, same server run."""
-    workload = Workload.mixed(16 if quick else 48, seed=0)
+    workload = Workload.mixed(24 if quick else 64, seed=0)
     warm = Workload.mixed(2, seed=1, lengths=(4,))
     out: dict[str, Any] = {"workload": {"requests": len(workload.prompts), "concurrency": workload.concurrency,
                                         "max_tokens": sorted(set(workload.max_tokens)),
@@ -211,12 +211,14 @@ def prefix_cache(server, quick: bool) -> dict[str, Any]:
     return out
 
 
-def prompt_compression(model_dir: Path, quick: bool, threads: int) -> dict[str, Any]:
+def prompt_compression(model_dir: Path, threads: int) -> dict[str, Any]:
     from serving.prompts import CAPITAL_TASKS, PromptTemplate, measure_tokens_saved
     from serving.runtime.generator import OnnxCausalLM
 
     lm = OnnxCausalLM(model_dir, threads=threads)
-    return measure_tokens_saved(lm, PromptTemplate.capital_qa(), tasks=CAPITAL_TASKS[: 6 if quick else 12])
+    # All 12 tasks even when quick: on 6, one task's answer moves the mean log-likelihood by more
+    # than the tolerance, and passes were accepted or rejected by chance.
+    return measure_tokens_saved(lm, PromptTemplate.capital_qa(), tasks=CAPITAL_TASKS)
 
 
 def run(server, model_dir: Path, quick: bool = True, *, threads: int = 2) -> dict[str, Any]:
@@ -226,7 +228,7 @@ def run(server, model_dir: Path, quick: bool = True, *, threads: int = 2) -> dic
         server: the running server; its repository receives the benchmark models, which are
             unloaded again at the end.
         model_dir: exported causal LM folder (ONNX file, tokenizer.json, trimflow_model.json).
-        quick: 16 requests and 6 prompt tasks instead of 48 and 12 (default True).
+        quick: 24 requests and 6 prefix-cache requests instead of 64 and 12 (default True).
         threads: onnxruntime intra-op threads of every model (default 2).
 
     Returns:
@@ -251,7 +253,7 @@ def run(server, model_dir: Path, quick: bool = True, *, threads: int = 2) -> dic
     finally:
         for name in names:
             server.unload(name)
-    report["prompt"] = prompt_compression(model_dir, quick, threads)
+    report["prompt"] = prompt_compression(model_dir, threads)
     report.update(model_dir=str(model_dir), threads=threads, seconds=round(time.perf_counter() - t0, 1))
     return report
 
@@ -259,7 +261,7 @@ def run(server, model_dir: Path, quick: bool = True, *, threads: int = 2) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="exported causal LM folder (tasks.export/quantize)")
-    ap.add_argument("--full", action="store_true", help="48 requests and 12 prompt tasks")
+    ap.add_argument("--full", action="store_true", help="64 requests and 12 prefix-cache requests")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads per model (default 2)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
