@@ -19,7 +19,7 @@ import numpy as np
 
 from tasks.config import EvalConfig
 from tasks.errors import ConfigError, SourceError
-from tasks.modelio import count_parameters, require_causal_lm, torch_threads, weights_size_bytes
+from tasks.modelio import count_parameters, load_causal_lm, require_causal_lm, torch_threads, weights_size_bytes
 
 
 @runtime_checkable
@@ -75,15 +75,12 @@ class TorchRunner:
     """
 
     def __init__(self, hf_dir: Path, threads: int = 2) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
         self.hf_dir = Path(hf_dir)
         conf = require_causal_lm(self.hf_dir, "evaluation")
         self.tokenizer = _FolderTokenizer(self.hf_dir)
         self.threads = threads
         with torch_threads(threads):
-            self.model = AutoModelForCausalLM.from_pretrained(self.hf_dir, dtype=torch.float32).eval()
+            self.model = load_causal_lm(self.hf_dir)  # structural patches of compress steps re-applied
         eos = conf.get("eos_token_id")
         self.eos_token_id = eos[0] if isinstance(eos, list) else eos
         self.name = "torch-fp32"

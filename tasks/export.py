@@ -93,10 +93,11 @@ def export_causal_lm(hf_dir: Path, out_dir: Path, cfg: ExportConfig) -> dict[str
         ``onnx_file``, ``size_bytes``, ``export_seconds``, ``parity`` (max abs logit diffs).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from tasks.modelio import load_causal_lm, onnx_export_options
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = load_causal_lm(hf_dir)  # re-applies structural patches (low-rank, codebooks) of compress steps
     c = model.config
     meta = model_meta(c, getattr(model, "generation_config", None))
     n, kv, hd = meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]
@@ -117,7 +118,8 @@ def export_causal_lm(hf_dir: Path, out_dir: Path, cfg: ExportConfig) -> dict[str
     with torch.no_grad():
         # dynamo=False: the TorchScript exporter traces the HF cache code reliably in torch 2.13.
         torch.onnx.export(_wrapper(model), (ids, am, pos, *past), str(onnx_path), input_names=ins,
-                          output_names=outs, dynamic_axes=dyn, opset_version=cfg.opset, dynamo=False)
+                          output_names=outs, dynamic_axes=dyn, opset_version=cfg.opset, dynamo=False,
+                          **onnx_export_options(hf_dir))
     seconds = time.time() - t0
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
