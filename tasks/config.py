@@ -191,7 +191,12 @@ class DeployConfig(_Frozen):
 
     Args:
         target: ``local`` (Triton on this machine) or ``none`` (register only) (default local).
-        model_name: Triton model name; letters, digits, ``_`` and ``-`` only (default ``trimflow_llm``).
+        model_name: Triton model name of the request-level model (dynamic batching + response cache);
+            letters, digits, ``_`` and ``-`` only (default ``trimflow_llm``).
+        stream_model_name: Triton model name of the streaming model (continuous batching + KV-prefix
+            cache) serving the same version (default None: ``<model_name>_stream``; ``""``: not deployed).
+        canary_requests: canary requests a new version must answer before it replaces the champion
+            (default 4).
         max_batch_size: Triton max batch size (default 8).
         max_queue_delay_us: dynamic batcher queue delay (default 2000).
         response_cache: Triton response cache on the model (default True).
@@ -201,11 +206,18 @@ class DeployConfig(_Frozen):
 
     target: Literal["local", "none"] = "local"
     model_name: str = Field("trimflow_llm", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    stream_model_name: str | None = Field(None, pattern=r"^([A-Za-z0-9_-]{1,64})?$")
+    canary_requests: int = Field(4, ge=0)
     max_batch_size: int = Field(8, ge=1)
     max_queue_delay_us: int = Field(2000, ge=0)
     response_cache: bool = True
     smoke_prompt: str = "The city council voted on Tuesday to"
     smoke_max_tokens: int = Field(16, ge=1)
+
+    def stream_name(self) -> str | None:
+        if self.stream_model_name == "":
+            return None
+        return self.stream_model_name or f"{self.model_name}_stream"
 
 
 class CostConfig(_Frozen):
@@ -353,6 +365,7 @@ FLAT_PARAMS: dict[str, tuple[str | None, str]] = {
     "max_size_mb": ("gates", "max_size_mb"),
     "deploy_target": ("deploy", "target"),
     "model_name": ("deploy", "model_name"),
+    "stream_model_name": ("deploy", "stream_model_name"),
     "max_batch_size": ("deploy", "max_batch_size"),
     "response_cache": ("deploy", "response_cache"),
 }

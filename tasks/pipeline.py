@@ -342,14 +342,34 @@ def _serving_spec(cfg: OptimizeConfig):
                                         response_cache=cfg.deploy.response_cache)
 
 
-def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
-    """Write the registered version into the Triton repository beside the champion and switch to it.
+def _stream_spec(cfg: OptimizeConfig):
+    from serving.model_config import ModelConfigSpec
 
-    The Triton version number is the MLflow registry version. Triton's own smoke request on the
-    new version runs inside; any failure rolls back and the champion keeps serving.
+    return ModelConfigSpec.llm_continuous(cfg.deploy.stream_name(), max_batch=cfg.deploy.max_batch_size)
+
+
+def _champion_in(repo, model: str, champion: int | None) -> int | None:
+    """The registry champion if this Triton model has it on disk (a wiped repository has none)."""
+    if champion is not None and champion not in repo.versions(model):
+        log.warning("deploy: champion v%s is not in %s; deploying without a fallback version", champion,
+                    repo.uri(model))
+        return None
+    return champion
+
+
+def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Roll the registered version out on Triton: the request-level model, then the streaming model.
+
+    The Triton version number is the MLflow registry version. Each model goes through a canary
+    (the candidate loaded as ``<model>__canary``, smoke-tested, sent canary traffic, then promoted by
+    one explicit load); any failure rolls back and the champion keeps serving.
     """
-    from serving.deploy import deploy_and_smoke_test
+    import tempfile
+
+    from serving.loadgen import LoadConfig
     from serving.repository import ModelRepository
+    from serving.rollout import RolloutConfig, rollout
+    from serving.runtime.continuous import stage_model_code
     from serving.server import local_server
     from tasks import registry
 
@@ -358,41 +378,68 @@ def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candid
     if cfg.deploy.target == "none":
         return {"target": "none", "model_name": None, "version": None, "dynamic_batching": None,
                 "response_cache": None}
-    name, version = cfg.deploy.model_name, int(registered["version"])
+    name, stream = cfg.deploy.model_name, cfg.deploy.stream_name()
+    version = int(registered["version"])
     server = local_server(settings).ensure_running()
     repo = ModelRepository(settings.triton_repository, endpoint_url=settings.s3_endpoint_url,
                            scratch=settings.scratch_dir)
-    if version in repo.versions(name) and server.ready_versions(name) == [version]:
-        # A retried task after a finished deploy: the version is already the one served.
-        running = server.model_config(name)
-        log.info("deploy: %s v%s already served", name, version)
-        return {"target": "local", "model_name": name, "version": version, "served_versions": [version],
-                "dynamic_batching": "dynamic_batching" in running,
-                "response_cache": bool(running.get("response_cache", {}).get("enable", False)),
-                "repository": repo.uri(name), "http_url": server.http_url, "grpc_url": server.grpc_url,
-                "champion_version": registry.alias_version(settings.mlflow_tracking_uri, registered["name"]),
-                "reused": True}
     champion = registry.alias_version(settings.mlflow_tracking_uri, registered["name"])
-    if champion is not None and champion not in repo.versions(name):
-        log.warning("deploy: champion v%s of %s is not in %s; deploying without a fallback version",
-                    champion, registered["name"], repo.uri(name))
-        champion = None
-    result = deploy_and_smoke_test(model_path(store, candidate), name, version, champion, server, repository=repo,
-                                   spec=_serving_spec(cfg), smoke_prompt=cfg.deploy.smoke_prompt,
-                                   smoke_max_tokens=cfg.deploy.smoke_max_tokens)
-    return {"target": "local", **result}
+    cand_dir = model_path(store, candidate)
+    smoke = dict(smoke_prompt=cfg.deploy.smoke_prompt, smoke_max_tokens=cfg.deploy.smoke_max_tokens)
+    results: dict[str, Any] = {}
+    models = [(name, _serving_spec(cfg), None, RolloutConfig(min_canary_requests=cfg.deploy.canary_requests,
+                                                             canary_share=1.0, **smoke))]
+    if stream:
+        probe = LoadConfig(mode="stream", concurrency=1, max_requests=10_000, max_duration_s=3600,
+                           prompt_words=(8, 16), max_tokens=(4, 8), request_timeout_s=120)
+        models.append((stream, _stream_spec(cfg), "stream",
+                       RolloutConfig(min_canary_requests=cfg.deploy.canary_requests, canary_share=1.0,
+                                     smoke_endpoint="stream", probe=probe, **smoke)))
+    for model, spec, kind, rcfg in models:
+        if version in repo.versions(model) and server.ready_versions(model) == [version]:
+            log.info("deploy: %s v%s already served (a retried task)", model, version)
+            results[model] = {"version": version, "reused": True, "served_versions": [version]}
+            continue
+        code = stage_model_code(Path(tempfile.mkdtemp(dir=settings.scratch_dir))) if kind == "stream" else None
+        try:
+            results[model] = rollout(cand_dir, model, version, _champion_in(repo, model, champion), server,
+                                     repository=repo, spec=spec, cfg=rcfg, model_code=code)
+        except Exception:
+            # The streaming model failed after the batched one moved: put the batched one back too.
+            for done in results:
+                _restore(settings, cfg, done, version, champion)
+            raise
+    running = server.model_config(name)
+    return {
+        "target": "local", "model_name": name, "stream_model_name": stream, "version": version,
+        "champion_version": champion, "served_versions": server.ready_versions(name),
+        "dynamic_batching": "dynamic_batching" in running,
+        "response_cache": bool(running.get("response_cache", {}).get("enable", False)),
+        "continuous_batching": bool(stream) and server.model_config(stream).get("model_transaction_policy", {}).get(
+            "decoupled", False),
+        "repository": repo.uri(name), "http_url": server.http_url, "grpc_url": server.grpc_url,
+        "rollouts": {m: r.get("rollout", r) for m, r in results.items()},
+    }
+
+
+def _restore(settings, cfg: OptimizeConfig, model: str, failed_version: int, champion: int | None) -> None:
+    from serving.deploy import rollback
+    from serving.server import local_server
+
+    spec = _stream_spec(cfg) if model == cfg.deploy.stream_name() else _serving_spec(cfg)
+    err = rollback(model, failed_version, champion, local_server(settings), RuntimeError("a sibling model failed"),
+                   spec=spec, stage="sibling rollback")
+    log.error("%s", err)
 
 
 def smoke_test(conf: dict[str, Any], run_id: str, registered: dict[str, Any], deployed: dict[str, Any]) -> dict[str, Any]:
-    """A request through the public endpoints, as a client sends it (no version pinned).
+    """Requests as clients send them (no version pinned): streaming, gRPC infer and HTTP infer.
 
     Passing moves alias ``champion`` to the new version. Failing rolls Triton back to the previous
     champion and fails the run.
     """
-    import time
-
     from serving.client import generate
-    from serving.deploy import rollback
+    from serving.rollout import smoke_test as smoke_request
     from serving.server import local_server
     from tasks import registry
     from tasks.errors import DeployError
@@ -401,26 +448,31 @@ def smoke_test(conf: dict[str, Any], run_id: str, registered: dict[str, Any], de
     settings, _, _ = _ctx(run_id)
     if deployed.get("target") == "none":
         return {"ok": None, "skipped": "deploy_target=none", "text": ""}
-    name, version = deployed["model_name"], int(deployed["version"])
+    name, stream, version = deployed["model_name"], deployed.get("stream_model_name"), int(deployed["version"])
     server = local_server(settings).ensure_running()
-    checks: dict[str, Any] = {}
+    prompt, max_tokens = cfg.deploy.smoke_prompt, cfg.deploy.smoke_max_tokens
     try:
-        served = server.ready_versions(name)
-        if served != [version]:
-            raise DeployError(f"Triton serves versions {served} of {name}, expected only [{version}]")
-        t0 = time.perf_counter()
-        text = generate(server.grpc_url, name, cfg.deploy.smoke_prompt, max_tokens=cfg.deploy.smoke_max_tokens,
-                        protocol="grpc")
-        checks["grpc_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        http_text = generate(server.http_url, name, cfg.deploy.smoke_prompt, max_tokens=cfg.deploy.smoke_max_tokens,
-                             protocol="http")
-        if not text.strip():
-            raise DeployError(f"empty generation for {cfg.deploy.smoke_prompt!r}")
-        if http_text != text:
-            raise DeployError(f"gRPC and HTTP disagree on a greedy request: {text!r} vs {http_text!r}")
-    except Exception as e:  # any failure rolls back before the run fails
-        raise rollback(name, version, deployed.get("champion_version"), server, e,
-                       spec=_serving_spec(cfg), stage="smoke_test") from e
+        for model in filter(None, (name, stream)):
+            served = server.ready_versions(model)
+            if served != [version]:
+                raise DeployError(f"Triton serves versions {served} of {model}, expected only [{version}]")
+        checks: dict[str, Any] = {}
+        if stream:
+            checks["stream"] = smoke_request(server.grpc_url, stream, endpoint="stream", prompt=prompt,
+                                             max_tokens=max_tokens)
+        checks["infer"] = smoke_request(server.grpc_url, name, endpoint="infer", prompt=prompt, max_tokens=max_tokens)
+        http_text = generate(server.http_url, name, prompt, max_tokens=max_tokens, protocol="http")
+        if http_text != checks["infer"]["text"]:
+            raise DeployError(f"gRPC and HTTP disagree on a greedy request: {checks['infer']['text']!r} vs {http_text!r}")
+    except Exception as e:  # any failure rolls every model back before the run fails
+        for model in filter(None, (stream, name)):
+            _restore(settings, cfg, model, version, deployed.get("champion_version"))
+        raise DeployError(f"smoke test of v{version} failed ({type(e).__name__}: {e}); rolled back to "
+                          f"v{deployed.get('champion_version')}") from e
     promoted = registry.promote(settings.mlflow_tracking_uri, registered["name"], registered["version"])
-    return {"ok": True, "prompt": cfg.deploy.smoke_prompt, "text": text, "latency_ms": checks["grpc_ms"],
-            "protocols": ["grpc", "http"], "champion": promoted["version"], "aliases": promoted["aliases"]}
+    main = checks.get("stream") or checks["infer"]
+    return {"ok": True, "prompt": prompt, "text": main["text"], "endpoint": main["endpoint"],
+            "latency_ms": main["latency_ms"], "ttft_ms": main.get("ttft_ms"),
+            "checks": {k: {kk: v.get(kk) for kk in ("endpoint", "model", "text", "latency_ms", "ttft_ms")}
+                       for k, v in checks.items()},
+            "champion": promoted["version"], "aliases": promoted["aliases"]}

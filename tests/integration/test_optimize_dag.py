@@ -40,7 +40,9 @@ def test_optimize_dag_registers_deploys_and_promotes_when_run_twice(stack, tiny_
 
     report = json.loads((stack.settings().reports_dir / safe_run_id(first["run_id"]) / "report.json").read_text())
     assert report["triton"]["dynamic_batching"] is True and report["triton"]["response_cache"] is True
+    assert report["triton"]["continuous_batching"] is True
     assert report["smoke_test"]["ok"] is True and report["smoke_test"]["text"].strip()
+    assert report["smoke_test"]["endpoint"] == "stream"
     for side in ("teacher", "student"):
         assert report[side]["perplexity"] > 1 and report[side]["size_bytes"] > 0 and report[side]["tokens_per_s"] > 0
 
@@ -52,6 +54,7 @@ def test_optimize_dag_registers_deploys_and_promotes_when_run_twice(stack, tiny_
     from serving.server import local_server
 
     assert local_server(stack.settings()).ready_versions("tiny_llm") == [2]
+    assert local_server(stack.settings()).ready_versions("tiny_llm_stream") == [2]
 
 
 def test_optimize_dag_fails_at_quality_gate_and_keeps_champion_when_gate_is_impossible(stack, tiny_source):
