@@ -69,8 +69,9 @@ class KDConfig(DistillConfig):
             training text; embeddings, norms, q/k/v/o, MLP and lm_head are sliced alike (default 1.0).
         intermediate_ratio: fraction of MLP neurons kept per layer, ranked by activation energy
             (default 1.0).
-        head_ratio: fraction of query heads kept in every KV group (KV heads and the KV cache stay;
-            see ``tasks.prune.prune_heads``) (default 1.0).
+        head_ratio: fraction of KV groups kept, each with its query heads (the KV cache shrinks
+            alike; whole groups lost less quality than heads from every group, see
+            ``tasks.prune.PruneHeadsConfig``) (default 1.0).
         width_calib_tokens: training-text tokens used to rank channels, neurons and heads
             (default 2048).
         hidden_weight: weight of the hidden-state transfer loss between every student layer's
@@ -507,36 +508,37 @@ def distill(cfg: DistillConfig, teacher_dir: Path, train_texts: list[str], out_d
         env.close()
 
 
-class _Distillee:
-    """Builds the trainable module: the student plus, when needed, a learned hidden-state projection.
+def _trainable(student, teacher_width: int, learned_projection: bool):
+    """The module the optimizer (and DDP) sees: the student plus, when needed, a hidden-state projection.
 
-    Hidden states and attention maps are captured with forward hooks on the decoder layers, which
-    works the same for the plain module and its DistributedDataParallel wrapper.
+    The projection maps a narrower student's hidden states to the teacher's width for the transfer
+    loss only; it is checkpointed but never saved with the student.
     """
+    import torch
 
-    @staticmethod
-    def module(student, teacher_width: int, learned_projection: bool):
-        import torch
+    class Trainable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = student
+            width = student.config.hidden_size
+            self.proj = torch.nn.Linear(width, teacher_width, bias=False) if learned_projection else None
+            if self.proj is not None:
+                with torch.no_grad():  # start as "copy the first channels": a sane, non-random map
+                    n = min(width, teacher_width)
+                    self.proj.weight.zero_()
+                    self.proj.weight[:n, :n] += torch.eye(n)
 
-        class Distillee(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.student = student
-                width = student.config.hidden_size
-                self.proj = torch.nn.Linear(width, teacher_width, bias=False) if learned_projection else None
-                if self.proj is not None:
-                    with torch.no_grad():  # start as "copy the first channels": a sane, non-random map
-                        self.proj.weight.zero_()
-                        self.proj.weight[:width, :width] += torch.eye(width)
+        def forward(self, input_ids):
+            return self.student(input_ids=input_ids, use_cache=False).logits
 
-            def forward(self, input_ids):
-                return self.student(input_ids=input_ids, use_cache=False).logits
-
-        return Distillee()
+    return Trainable()
 
 
 class _Capture:
-    """Forward hooks that keep each decoder layer's output (and attention map) of the last call."""
+    """Forward hooks that keep each decoder layer's output (and attention map) of the last call.
+
+    Hooks on the decoder layers work the same for the plain module and its DDP wrapper.
+    """
 
     def __init__(self, model, hidden: bool, attention: bool) -> None:
         self.hidden: list[Any] = []
@@ -585,7 +587,7 @@ class _Training:
         if use_hidden and s_width != t_width and hidden_channels is not None:
             self.channels = torch.as_tensor(hidden_channels, dtype=torch.long, device=self.device)
         learned = use_hidden and s_width != t_width and self.channels is None
-        self.module = _Distillee.module(student, t_width, learned).to(self.device).train()
+        self.module = _trainable(student, t_width, learned).to(self.device).train()
         self.student = self.module.student
         if cfg.attention_weight > 0:  # fused kernels (sdpa, flash) do not return attention maps
             self.teacher.set_attn_implementation("eager")

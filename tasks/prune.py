@@ -115,16 +115,17 @@ class PruneHeadsConfig(_Recovery):
     Args:
         head_ratio: fraction of query heads removed in every layer (default 0.25, rounded to what
             the granularity allows).
-        granularity: ``query_per_group`` removes the same number of query heads from every KV group
-            (KV heads and cache stay); ``kv_group`` removes whole KV groups with their query heads
-            (the KV cache shrinks too, but in coarser steps) (default query_per_group: finer steps,
-            smaller quality loss at equal ratio; see the module notes).
+        granularity: ``kv_group`` removes whole KV groups with their query heads (k/v projections
+            and the KV cache shrink too); ``query_per_group`` removes the same number of query heads
+            from every KV group (KV heads and cache stay) (default kv_group: on SmolLM2-135M, 9 query /
+            3 KV heads, removing 1/3 of the query heads cost 2.0x held-out perplexity as whole groups
+            and 4.0x as one head per group, and whole groups remove more parameters and cache).
         importance: ``activation`` (default), ``magnitude`` or ``taylor``.
         calib_tokens: calibration tokens (default 1024).
     """
 
     head_ratio: float = Field(0.25, ge=0, lt=1)
-    granularity: Literal["query_per_group", "kv_group"] = "query_per_group"
+    granularity: Literal["kv_group", "query_per_group"] = "kv_group"
     importance: Literal["activation", "magnitude", "taylor"] = "activation"
     calib_tokens: int = Field(1024, ge=16)
 
@@ -223,12 +224,12 @@ def check_width(conf: dict[str, Any], cfg: KDConfig) -> dict[str, int]:
     """Sizes of a student narrowed by ``cfg``'s width ratios; raises before any work if one is empty.
 
     Raises:
-        ConfigError: a ratio keeps no hidden channel, neuron or query head per KV group.
+        ConfigError: a ratio keeps no hidden channel, neuron or KV group.
     """
     n_q, n_kv, _ = head_layout(conf)
     sizes = {"hidden_size": int(round(int(conf["hidden_size"]) * cfg.hidden_ratio)),
              "intermediate_size": int(round(int(conf["intermediate_size"]) * cfg.intermediate_ratio)),
-             "heads_per_group": int(round((n_q // n_kv) * cfg.head_ratio))}
+             "kv_heads": int(round(n_kv * cfg.head_ratio))}
     for (name, size), field in zip(sizes.items(), ("hidden_ratio", "intermediate_ratio", "head_ratio")):
         if size < 1:
             raise ConfigError(f"distill.{field}", getattr(cfg, field), f"keeps no unit of {name}")
@@ -607,8 +608,9 @@ def narrow(student, tokenizer, texts: Sequence[str], cfg: KDConfig):
         mlp = [torch.topk(s, sizes["intermediate_size"]).indices.sort().values
                for s in mlp_importance(student, "activation", stream)]
     if cfg.head_ratio < 1:
+        n_q, n_kv, _ = head_layout(student.config.to_dict())
         heads = _heads_to_keep(student, head_importance(student, "activation", stream),
-                               sizes["heads_per_group"] * head_layout(student.config.to_dict())[1], "query_per_group")
+                               sizes["kv_heads"] * (n_q // n_kv), "kv_group")
     return shrink(student, mlp=mlp, heads=heads, hidden=hidden), (hidden.tolist() if hidden is not None else None)
 
 

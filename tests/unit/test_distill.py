@@ -187,7 +187,7 @@ def test_distill_narrows_every_tensor_consistently_and_the_student_reloads(teach
 
     conf = json.loads((tmp_path / "s" / "config.json").read_text())
     assert (conf["num_hidden_layers"], conf["hidden_size"], conf["intermediate_size"]) == (2, 16, 32)
-    assert (conf["num_attention_heads"], conf["num_key_value_heads"], conf["head_dim"]) == (2, 2, 8)
+    assert (conf["num_attention_heads"], conf["num_key_value_heads"], conf["head_dim"]) == (2, 1, 8)
     s = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     t = AutoModelForCausalLM.from_pretrained(teacher)
     ch = torch.tensor(result["hidden_channels"])
@@ -197,8 +197,9 @@ def test_distill_narrows_every_tensor_consistently_and_the_student_reloads(teach
     assert s.lm_head.weight.data_ptr() == s.model.embed_tokens.weight.data_ptr()  # still tied
     sl, tl = s.model.layers[1], t.model.layers[3]
     assert torch.equal(sl.input_layernorm.weight, tl.input_layernorm.weight[ch])
-    # q rows of the kept heads (8 rows each) and every k/v row (both KV heads stay), input columns = kept channels
-    assert torch.equal(sl.self_attn.k_proj.weight, tl.self_attn.k_proj.weight[:, ch])
+    # One KV group kept (8 k rows) with its 2 query heads (16 q rows); input columns = kept channels
+    kv = 8 * int(torch.equal(sl.self_attn.k_proj.weight[:, :3], tl.self_attn.k_proj.weight[8:, ch[:3]]))
+    assert torch.equal(sl.self_attn.k_proj.weight, tl.self_attn.k_proj.weight[kv:kv + 8][:, ch])
     assert tuple(sl.self_attn.q_proj.weight.shape) == (16, 16) and tuple(sl.self_attn.o_proj.weight.shape) == (16, 16)
     assert tuple(sl.mlp.down_proj.weight.shape) == (16, 32)
     ids = torch.tensor([[1, 5, 9, 2, 7]])
