@@ -23,14 +23,21 @@ from tasks.encoder_common import (EARLY_EXIT_FORMAT, INPUT_NAMES, OUTPUT_NAME, b
 from tasks.errors import SourceError
 
 
-def ort_session(path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)):
+def ort_session(path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",),
+                spin: bool = True):
     """An onnxruntime session with ``threads`` intra-op threads (0 = onnxruntime decides) and full graph
-    optimisation; one inter-op thread, since these graphs are a single chain."""
+    optimisation; one inter-op thread, since these graphs are a single chain.
+
+    ``spin=False`` stops idle pool threads from busy-waiting: with one session per layer, the pool
+    of the layer that just ran would otherwise spin on the cores the next layer needs.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not Path(path).is_file():
         raise SourceError(f"ONNX file {path} is missing")
@@ -73,24 +80,26 @@ class OnnxEarlyExitEncoder:
     The embedding graph maps ids to the first hidden states; layer graph ``i`` maps
     (hidden [B, S, H], attention_mask [B, S]) to (hidden, ``exit_embedding`` [B, H]): the pooled
     state passed through exit ``i``'s head, in the final embedding's space. After each exit layer,
-    items whose exit embedding has cosine ≥ ``threshold`` with the one of the previous exit layer
-    are finished and leave the batch; the rest run on. The last layer always finishes everything.
+    items whose exit embedding has cosine ≥ ``threshold`` with the exit embedding of the layer
+    before it (layer ``i - 1``) are finished and leave the batch; the rest run on. The last layer
+    always finishes everything.
 
     Args:
         folder: the early-exit export.
         threads: onnxruntime intra-op threads (default 0 = onnxruntime decides).
         threshold: overrides the calibrated threshold in the metadata (default None; > 1 disables exits).
         providers: execution providers (default CPU).
+        spin: let idle onnxruntime threads busy-wait between layers (default False; see ``ort_session``).
     """
 
     def __init__(self, folder: str | Path, threads: int = 0, threshold: float | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+                 providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = False) -> None:
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         if self.meta["format"] != EARLY_EXIT_FORMAT:
             raise SourceError(f"{folder} is not an early-exit export (format {self.meta['format']!r})")
-        self.embed_session = ort_session(self.folder / self.meta["embed_file"], threads, providers)
-        self.layer_sessions = [ort_session(self.folder / f, threads, providers) for f in self.meta["layer_files"]]
+        self.embed_session = ort_session(self.folder / self.meta["embed_file"], threads, providers, spin)
+        self.layer_sessions = [ort_session(self.folder / f, threads, providers, spin) for f in self.meta["layer_files"]]
         self.exit_layers = [int(i) for i in self.meta["exit_layers"]]  # 1-based layer counts
         self.threshold = float(self.meta["threshold"] if threshold is None else threshold)
         self.tokenizer = encoder_tokenizer(self.folder)
@@ -113,9 +122,7 @@ class OnnxEarlyExitEncoder:
             if depth == n_layers:
                 out[alive] = emb
                 break
-            if depth not in self.exit_layers:
-                continue
-            if previous is not None:
+            if depth in self.exit_layers and previous is not None:
                 done = (emb * previous).sum(-1) >= self.threshold
                 if done.any():
                     out[alive[done]] = emb[done]
@@ -124,8 +131,8 @@ class OnnxEarlyExitEncoder:
                     alive, hidden, mask, emb = alive[keep], hidden[keep], mask[keep], emb[keep]
                     if alive.size == 0:
                         break
-                    # Trim padding columns nobody left in the batch needs: shorter items that stay
-                    # would otherwise pay for the longest item that left.
+                    # Drop padding columns no remaining item needs: shorter items that stay would
+                    # otherwise pay for the longest item that left.
                     width = int(mask.sum(1).max())
                     hidden, mask = hidden[:, :width], mask[:, :width]
             previous = emb
