@@ -24,6 +24,8 @@ Only numpy, onnxruntime and tokenizers are imported: this file also runs in the 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -380,3 +382,26 @@ class EarlyExitLM:
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, **kw) -> list[str]:
         ids = self.generate_ids([self.encode(p) for p in prompts], max_new_tokens, **kw)
         return [self.decode(x) for x in ids]
+
+
+def export_files(model_dir: "str | os.PathLike") -> list[str]:
+    """Every file an early-exit export needs at serving time: metadata, graphs, tokenizer (names only)."""
+    meta = EarlyExitMeta.load(Path(model_dir))
+    names = [META, meta.head_file] + [s.file for s in meta.segments] + ["tokenizer.json"]
+    names += [n + ".data" for n in names if n.endswith(".onnx") and (Path(model_dir) / (n + ".data")).is_file()]
+    return names
+
+
+def stage_model_code(dest: "str | os.PathLike") -> Path:
+    """Fill ``dest`` with the ``llm_early_exit`` python-backend code and this runtime module.
+
+    Pass the folder as ``ModelRepository.write_version(..., model_code=dest)``: the writer copies the
+    ``*.py`` of ``model_code`` (plus ``generator.py``) into the version folder, and the stub has no
+    ``serving`` package to import this module from.
+    """
+    here = Path(__file__).resolve().parent
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(here.parent / "triton_models" / "llm_early_exit" / "model.py", dest / "model.py")
+    shutil.copy2(here / "early_exit.py", dest / "early_exit.py")
+    return dest

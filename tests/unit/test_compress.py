@@ -88,11 +88,11 @@ def test_lowrank_keeps_layers_dense_when_factorized_is_not_faster(tiny, tmp_path
 
     calls = []
 
-    def slower(in_f, out_f, rank, tokens, repeats, threads):
+    def slower(self, in_f, out_f, rank, tokens):
         calls.append((in_f, out_f, rank, tokens))
         return 1.0, 2.0  # dense 1 ms, factorized 2 ms
 
-    monkeypatch.setattr(compress, "layer_latency_ms", slower)
+    monkeypatch.setattr(compress.LatencyBench, "compare", slower)
     cfg = LowRankConfig(energy=0.6, **(FAST | {"min_layer_speedup": 1.05}))
     result = lowrank(cfg, tiny, tmp_path / "out", CORPUS * 4, CORPUS * 4)
 
@@ -107,6 +107,16 @@ def test_lowrank_keeps_layers_dense_when_rank_would_not_shrink_them(tiny, tmp_pa
 
     assert result["factorized"] == 0 and result["candidates"] == 0
     assert {r["why"] for r in result["rejected"]} == {"not smaller"}
+
+
+def test_latency_bench_times_dense_and_factorized_layers_when_compared():
+    from tasks.compress import LatencyBench
+
+    bench = LatencyBench(threads=1, repeats=2, cache_bytes=1 << 16)
+    for tokens in (1, 4):
+        dense, fact = bench.compare(32, 48, 8, tokens)
+        assert dense > 0 and fact > 0
+    assert set(bench._dense) == {(32, 48, 1), (32, 48, 4)}  # the dense graph of a shape is built once
 
 
 def test_choose_ranks_keeps_the_energy_asked_for_when_rule_is_energy():
@@ -129,6 +139,14 @@ def test_choose_ranks_spends_the_budget_where_energy_per_parameter_is_highest_wh
     ranks = choose_ranks(spectra, shapes, LowRankConfig(rank_rule="budget", param_ratio=0.5))
     assert sum(r * 8 for r in ranks.values()) <= 16
     assert ranks == {"steep": 1, "flat": 1}
+
+
+@pytest.mark.parametrize("ratio, pays", [(None, True), (1.1, True), (3.0, False)])
+def test_quality_note_says_it_does_not_pay_when_perplexity_rises_beyond_the_limit(ratio, pays):
+    from tasks.compress import _quality_note
+
+    ok, note = _quality_note({"perplexity_ratio": ratio}, LowRankConfig(max_ppl_ratio=1.25))
+    assert ok is pays and ("does not pay" in note) is (not pays)
 
 
 def test_lowrank_config_rejects_unknown_projection_when_validated():

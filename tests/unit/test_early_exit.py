@@ -129,7 +129,15 @@ def test_early_exit_result_meets_the_target_and_writes_config_beside_the_export(
     assert saved["config"] == EarlyExitConfig(measure=result["measure"], **SMALL).model_dump(mode="json")
     assert max(result["parity"][k] for k in ("prefill_max_abs_diff", "decode_max_abs_diff", "exit_max_abs_diff")) < 1e-3
     assert result["speed"]["speedup"] > 0 and result["eval"]["tokens"] == SMALL["eval_len"]
+    assert _vocab_tables(out / "head.onnx") == 1  # the tied embedding and LM head stored once
     assert _heads_keys(out) == {f"exit_{e}.{p}.{w}" for e in EXITS for p in ("adapter", "probe") for w in ("weight", "bias")}
+
+
+def _vocab_tables(path):
+    import onnx
+
+    vocab = json.loads((path.parent / "trimflow_early_exit.json").read_text())["vocab_size"]
+    return sum(1 for i in onnx.load(str(path)).graph.initializer if vocab in i.dims)
 
 
 def _heads_keys(out):

@@ -35,12 +35,16 @@ def export(tmp_path_factory):
 
 @pytest.fixture()
 def version_dir(export, tmp_path):
-    """A version folder laid out as Triton sees it: model.py with the runtime modules beside it."""
+    """A version folder laid out as the repository writer lays it out: code, runtime modules, export files."""
+    from serving.runtime.early_exit import export_files, stage_model_code
+
     d = tmp_path / "llm_early_exit" / "1"
-    shutil.copytree(export, d)
-    shutil.copy2(MODEL_PY, d / "model.py")
-    shutil.copy2(SERVING / "runtime" / "early_exit.py", d / "early_exit.py")
-    shutil.copy2(SERVING / "runtime" / "generator.py", d / "generator.py")
+    d.mkdir(parents=True)
+    for py in stage_model_code(tmp_path / "code").glob("*.py"):
+        shutil.copy2(py, d / py.name)
+    shutil.copy2(SERVING / "runtime" / "generator.py", d / "generator.py")  # the writer adds it to every version
+    for name in export_files(export):
+        shutil.copy2(export / name, d / name)
     return d
 
 
@@ -77,6 +81,7 @@ def test_early_exit_model_serves_text_with_the_exits_when_loaded_from_a_version_
     m = _initialize(mod, version_dir, exit_threshold="0.0", intra_op_threads="1")
 
     assert Path(sys.modules["early_exit"].__file__).parent == version_dir  # the copy, not the source tree
+    assert sorted(p.name for p in version_dir.glob("*.py")) == ["early_exit.py", "generator.py", "model.py"]
     out = m.execute([req("The city council", max_tokens=3), req("Shares rose", "Heavy rain", max_tokens=2)])
     assert [r.error for r in out] == [None, None]
     assert len(out[0].text()) == 1 and len(out[1].text()) == 2
