@@ -45,7 +45,7 @@ FP16_FILE = "model.fp16.onnx"
 META = "trimflow_model.json"
 RECORD = "trimflow_quantize.json"
 _REPORTED_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulNBits",
-                 "GatherBlockQuantized", "MatMul", "Gather", "Cast")
+                 "GatherBlockQuantized", "MatMul", "Gather", "Cast", "Split")
 # protobuf refuses to serialize a single message above 2 GiB; larger graphs keep weights beside them.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 _MASK_INPUT = "trimflow_quantized_mask"
@@ -65,11 +65,16 @@ class SensitivityFields(_Frozen):
             ``probe_windows`` (default 2: one ranking evaluation per MatMul, 211 on SmolLM2-135M).
         sensitivity_granularity: rank single MatMuls (``matmul``) or whole decoder layers (``layer``,
             fewer evaluations, more kept weights) (default matmul).
+        sensitivity_rank: keep groups in order of their damage (``damage``) or of damage per fp32
+            weight kept (``damage_per_weight``) (default damage_per_weight: on SmolLM2-135M dynamic
+            INT8 the second most damaging MatMul is the 28M-weight output projection, whose fp32 copy
+            alone is 113 MB, while a 0.9M-weight MLP projection buys more perplexity back per MB).
     """
 
     max_ppl_increase: float | None = Field(None, gt=0)
     sensitivity_windows: int = Field(2, ge=1)
     sensitivity_granularity: Literal["matmul", "layer"] = "matmul"
+    sensitivity_rank: Literal["damage", "damage_per_weight"] = "damage_per_weight"
 
 
 class DynamicInt8Config(QuantizeConfig, SensitivityFields):
@@ -81,15 +86,17 @@ class StaticInt8Config(SensitivityFields):
 
     Args:
         calibrate_method: how activation ranges are set from the calibration windows: ``minmax``,
-            ``entropy`` (KL-optimal histogram threshold) or ``percentile`` (default minmax).
+            ``entropy`` (KL-optimal threshold over a 2048-bin histogram) or ``percentile`` (default
+            minmax). Ranges are computed once and reused when the sensitivity pass re-quantizes.
         percentile: the percentile kept by ``percentile`` calibration (default 99.999).
         calib_windows / calib_len: calibration windows and tokens per window, cut from the
             calibration split after the probe windows (defaults 16 / 128).
         per_channel: per-output-channel weight scales (default True).
         reduce_range: 7-bit weights, needed on x86 without VNNI (see ``QuantizeConfig``) (default True).
         activation_type / weight_type: ``quint8`` or ``qint8`` (defaults quint8 / qint8).
-        quantize_embeddings: also store the token table as int8 (a DequantizeLinear feeding the
-            Gather) (default False).
+        quantize_embeddings: also store the token table as int8 in blocks of 32 along the hidden size
+            (GatherBlockQuantized, one row dequantized per token; QDQ's own DequantizeLinear before
+            the Gather would dequantize the whole table every step) (default True).
         max_activation_outlier: MatMuls whose input max/p99.9 exceeds this stay fp32, as in dynamic
             INT8; a static per-tensor scale suffers from outliers at least as much (default 8; 0 = none).
         min_top1_agreement: required next-token agreement with the fp32 export (default 0.7).
@@ -104,7 +111,7 @@ class StaticInt8Config(SensitivityFields):
     reduce_range: bool = True
     activation_type: Literal["quint8", "qint8"] = "quint8"
     weight_type: Literal["qint8", "quint8"] = "qint8"
-    quantize_embeddings: bool = False
+    quantize_embeddings: bool = True
     max_activation_outlier: float = Field(8.0, ge=0)
     min_top1_agreement: float = Field(0.7, ge=0, le=1)
     probe_windows: int = Field(8, ge=1)
@@ -127,12 +134,22 @@ class Int4Config(SensitivityFields):
             with the kernel's default zero point 8 and the remainder ``(8 - zp) * scale`` as one fp32
             value per block applied to the input's block sums (a small MatMul + Add): the same
             weights as ``minmax_float_zp`` and the same size, at INT4 kernel speed.
+            SmolLM2-135M (a Q4_1 GGUF dequantized to fp32), 512 calibration-split probe tokens:
+            minmax_corrected +0.6% probe perplexity (0.94 top-1 agreement, every weight reproduced),
+            sym +16.6% (0.65), asym +24.5% (0.67): requantizing a Q4_1 grid with an integer zero
+            point moves every block.
         accuracy_level: MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
-            per block (default 4: the only fast CPU path on AVX2; level 0 is slower than fp32 MatMul).
+            per block (default 4: the only fast path on AVX2 without VNNI; there level 0 runs 4-bit
+            ~3x and 8-bit ~80x slower than an fp32 MatMul, and level 4 costs SmolLM2 +0.6% probe
+            perplexity against level 0's exact +0.0%).
+        fuse_projections: MatMulNBits nodes that read the same input (q/k/v, gate/up) become one node
+            and a Split, the same weights concatenated along N; per-node overhead dominates CPU decode
+            of a 135M model, so fewer, wider kernels decode faster (default True).
         embedding_bits: bits of the token table (GatherBlockQuantized, blocks along the hidden size)
             and of the output projection; a tied projection shares the table's tensors instead of a
-            second copy. 8 is symmetric (GGUF Q8_0), 4 follows ``scheme`` with an integer zero point,
-            0 keeps both fp32 (default 8).
+            second copy. 8 is symmetric (GGUF Q8_0, so SmolLM2's table is reproduced exactly), 4
+            follows ``scheme`` with an integer zero point, 0 keeps both fp32 (default 8). A hidden
+            size that is not a multiple of ``block_size`` keeps both fp32 and the result says so.
         min_top1_agreement: required next-token agreement with the fp32 export (default 0.7).
         probe_windows / probe_len: probe windows for the check and the sensitivity pass (defaults 8 / 64).
     """
@@ -140,6 +157,7 @@ class Int4Config(SensitivityFields):
     block_size: int = 32
     scheme: Literal["asym", "sym", "minmax_float_zp", "minmax_corrected"] = "minmax_corrected"
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    fuse_projections: bool = True
     embedding_bits: Literal[0, 4, 8] = 8
     min_top1_agreement: float = Field(0.7, ge=0, le=1)
     probe_windows: int = Field(8, ge=1)
@@ -419,22 +437,22 @@ class _Hybrid:
         nodes = []
         for node in quant.graph.node:
             hits = [(k, o) for k, o in enumerate(node.output) if o in wanted]
-            if not hits:
-                nodes.append(node)
-                continue
-            k, y = hits[0]
-            i = wanted[y]
-            twin = f_nodes[names[i]]
-            node.output[k] = y + "/quantized"
-            weight = f"{twin.input[1]}/fp32"
-            w = onnx.TensorProto()
-            w.CopyFrom(f_inits[twin.input[1]])
-            w.name = weight
-            quant.graph.initializer.extend([w, numpy_helper.from_array(np.asarray(i, np.int64), f"{y}/mask_index")])
-            nodes += [node,
-                      helper.make_node("MatMul", [twin.input[0], weight], [y + "/fp32"], name=f"{twin.name}/fp32"),
-                      helper.make_node("Gather", [_MASK_INPUT, f"{y}/mask_index"], [y + "/flag"], name=f"{y}/flag"),
-                      helper.make_node("Where", [y + "/flag", y + "/quantized", y + "/fp32"], [y], name=f"{y}/pick")]
+            nodes.append(node)
+            for k, y in hits:  # several when merged projections end in one Split
+                i = wanted[y]
+                twin = f_nodes[names[i]]
+                node.output[k] = y + "/quantized"
+                weight = f"{twin.input[1]}/fp32"
+                w = onnx.TensorProto()
+                w.CopyFrom(f_inits[twin.input[1]])
+                w.name = weight
+                quant.graph.initializer.extend([w, numpy_helper.from_array(np.asarray(i, np.int64),
+                                                                           f"{y}/mask_index")])
+                nodes += [helper.make_node("MatMul", [twin.input[0], weight], [y + "/fp32"], name=f"{twin.name}/fp32"),
+                          helper.make_node("Gather", [_MASK_INPUT, f"{y}/mask_index"], [y + "/flag"],
+                                           name=f"{y}/flag"),
+                          helper.make_node("Where", [y + "/flag", y + "/quantized", y + "/fp32"], [y],
+                                           name=f"{y}/pick")]
         missing = set(wanted) - {n.output[0] for n in nodes if n.op_type == "Where"}
         if missing:
             raise ExportMismatch(f"sensitivity: no quantized node produces {sorted(missing)[:3]} in {quant_path}")
@@ -447,6 +465,7 @@ class _Hybrid:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = _session(quant, opts)
         self.names = list(names)
+        self.weights = [int(np.prod(f_inits[f_nodes[name].input[1]].dims)) for name in names]
 
     def logprobs(self, windows: np.ndarray, mask: np.ndarray, empty_past: Sequence[np.ndarray]) -> np.ndarray:
         """Log-softmax of the logits [W, S, V] with MatMul ``i`` quantized where ``mask[i]``."""
@@ -464,6 +483,11 @@ def _ppl(logprobs: np.ndarray, windows: np.ndarray) -> float:
     return float(np.exp(np.concatenate(nll).mean()))
 
 
+def _why(r: dict[str, Any], rank: int, of: int) -> str:
+    return (f"rank {rank} of {of}: quantized alone it adds KL {r['kl']:.3g} ({r['ppl_increase']:+.2%} probe "
+            f"perplexity) for {r['weights'] / 1e6:.2f}M weights")
+
+
 def _groups(names: Sequence[str], granularity: str) -> dict[str, list[int]]:
     if granularity == "matmul":
         return {n: [i] for i, n in enumerate(names)}
@@ -476,7 +500,8 @@ def _groups(names: Sequence[str], granularity: str) -> dict[str, list[int]]:
 
 def sensitivity_pass(fp32_path: Path, quant_path: Path, names: Sequence[str], windows: np.ndarray,
                      empty_past: Sequence[np.ndarray], max_ppl_increase: float, rank_windows: int = 2,
-                     granularity: str = "matmul", threads: int = 2, ppl_fp32: float | None = None) -> dict[str, Any]:
+                     granularity: str = "matmul", threads: int = 2, ppl_fp32: float | None = None,
+                     rank: str = "damage_per_weight") -> dict[str, Any]:
     """Rank quantized MatMuls by the damage each does alone, then keep the worst fp32 until the target holds.
 
     Args:
@@ -491,6 +516,8 @@ def sensitivity_pass(fp32_path: Path, quant_path: Path, names: Sequence[str], wi
         ppl_fp32: probe perplexity of the true fp32 export, the base of every increase (default None:
             the mixed graph with every candidate fp32, which still holds quantized non-candidates
             such as an int8 token table).
+        rank: order in which groups are kept: ``damage`` (KL alone) or ``damage_per_weight`` (KL per
+            fp32 weight the group keeps) (default damage_per_weight).
 
     Returns:
         ``ranking`` (every group, worst first, with ``kl`` and ``ppl_increase`` when quantized alone),
@@ -515,14 +542,20 @@ def sensitivity_pass(fp32_path: Path, quant_path: Path, names: Sequence[str], wi
     p_ref = np.exp(ref_rank)
     groups = _groups(names, granularity)
     ranking = []
-    for group, idx in groups.items():
+    for done, (group, idx) in enumerate(groups.items()):
+        if done % 50 == 0:
+            log.info("sensitivity: ranking %d/%d groups (%.0f s)", done, len(groups), time.time() - started)
         mask = np.zeros(n, bool)
         mask[idx] = True
         lp = run(mask, rank_rows)
         kl = float((p_ref * (ref_rank - lp)).sum(-1).mean())
         ranking.append({"group": group, "matmuls": [names[i] for i in idx], "kl": round(kl, 6),
+                        "weights": int(sum(hybrid.weights[i] for i in idx)),
                         "ppl_increase": round(_ppl(lp, rank_rows) / _ppl(ref_rank, rank_rows) - 1, 5)})
-    ranking.sort(key=lambda r: -r["kl"])
+    if rank == "damage":
+        ranking.sort(key=lambda r: -r["kl"])
+    else:
+        ranking.sort(key=lambda r: -r["kl"] / max(r["weights"], 1))
 
     cache: dict[int, float] = {}
 
@@ -546,9 +579,8 @@ def sensitivity_pass(fp32_path: Path, quant_path: Path, names: Sequence[str], wi
     else:
         k = 0
     kept = ranking[:k]
-    for rank, r in enumerate(kept, 1):
-        r["why"] = (f"rank {rank} of {len(ranking)}: quantized alone it adds KL {r['kl']:.3g} "
-                    f"({r['ppl_increase']:+.2%} probe perplexity)")
+    for i, r in enumerate(kept, 1):
+        r["why"] = _why(r, i, len(ranking))
     return {
         "ranking": ranking,
         "keep_fp32": [m for r in kept for m in r["matmuls"]],
@@ -582,7 +614,8 @@ def _with_sensitivity(cfg: SensitivityFields, quantize: Callable[[set[str]], lis
     names = quantize(excluded)
     ppl_fp32 = float(np.exp(np.concatenate([token_nll(ref.logits(row[None])[0], row) for row in windows]).mean()))
     sens = sensitivity_pass(src, dst, names, windows, ref.empty_past(1), cfg.max_ppl_increase,
-                            cfg.sensitivity_windows, cfg.sensitivity_granularity, threads, ppl_fp32)
+                            cfg.sensitivity_windows, cfg.sensitivity_granularity, threads, ppl_fp32,
+                            cfg.sensitivity_rank)
     ranking = sens.pop("ranking")
     k = len(sens["kept_groups"])
     rounds = []
@@ -598,9 +631,8 @@ def _with_sensitivity(cfg: SensitivityFields, quantize: Callable[[set[str]], lis
             break
         k = min(len(ranking), max(k + 1, k + k // 2))
     kept = ranking[:k]
-    for rank, r in enumerate(kept, 1):
-        r.setdefault("why", f"rank {rank} of {len(ranking)}: quantized alone it adds KL {r['kl']:.3g} "
-                            f"({r['ppl_increase']:+.2%} probe perplexity)")
+    for i, r in enumerate(kept, 1):
+        r.setdefault("why", _why(r, i, len(ranking)))
     return sens | {
         "keep_fp32": [m for r in kept for m in r["matmuls"]],
         "kept_groups": [{"group": r["group"], "why": r["why"]} for r in kept],
@@ -803,6 +835,29 @@ def _calibration_reader(windows: np.ndarray, empty_past: Sequence[np.ndarray]):
     return WindowReader()
 
 
+# Entropy needs many more histogram bins than quantized levels to have thresholds to choose from;
+# quantize_static's own calibrator uses 128 and 128, which makes entropy the same as minmax.
+_ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
+
+
+def _calibrate(model_path: Path, windows: np.ndarray, empty_past: Sequence[np.ndarray], method, percentile: float,
+               work: Path) -> Path:
+    """Activation ranges of every MatMul tensor over the calibration windows, saved as ORT's calibration cache."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    extra = {CalibrationMethod.Entropy: dict(_ENTROPY_BINS),
+             CalibrationMethod.Percentile: {"num_bins": 2048, "percentile": percentile}}.get(method, {})
+    calibrator = create_calibrator(model_path, ["MatMul"], augmented_model_path=str(work / "augmented.onnx"),
+                                   calibrate_method=method,
+                                   use_external_data_format=model_path.stat().st_size > _EXTERNAL_DATA_BYTES,
+                                   extra_options=extra)
+    calibrator.collect_data(_calibration_reader(windows, empty_past))
+    path = work / "ranges.json"
+    save_tensors_data(calibrator.compute_data(), path)
+    return path
+
+
 def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
                          calib_texts: Sequence[str]) -> dict[str, Any]:
     """Static QDQ INT8 of ``onnx_dir`` into ``out_dir/model.qdq.onnx``, calibrated on ``calib_texts``.
@@ -848,7 +903,6 @@ def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
 
     model = onnx.load(str(src.path), load_external_data=False)
     matmuls = weight_matmuls(model)
-    gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
     del model
     outliers = _outliers(cfg.max_activation_outlier, src.path, windows, matmuls, ref, threads)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -860,24 +914,33 @@ def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
     _publish(src, out_dir, QDQ_FILE)
     seconds = {"quantize": 0.0}
 
+    work = Path(tempfile.mkdtemp(prefix="trimflow-calib-"))
+    t0 = time.time()
+    ranges = _calibrate(src.path, calib, ref.empty_past(1), method, cfg.percentile, work)
+    calibrate_seconds = time.time() - t0
+
     def quantize(excluded: set[str]) -> list[str]:
         t0 = time.time()
         names = [n.name for n in matmuls if n.name not in excluded]
-        # Only weight MatMuls (and the token table): attention's activation x activation MatMuls
-        # would need two calibrated scales each for little size or speed.
-        quantize_static(src.path, dst, _calibration_reader(calib, ref.empty_past(1)), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul"] + (["Gather"] if cfg.quantize_embeddings else []),
-                        nodes_to_quantize=names + (gathers if cfg.quantize_embeddings else []),
-                        per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+        # Only weight MatMuls: attention's activation x activation MatMuls would need two calibrated
+        # scales each for little size or speed. The ranges come from the one calibration above.
+        quantize_static(src.path, dst, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        nodes_to_quantize=names, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
                         activation_type=qtype[cfg.activation_type], weight_type=qtype[cfg.weight_type],
                         calibrate_method=method, use_external_data_format=src.path.stat().st_size > _EXTERNAL_DATA_BYTES,
-                        extra_options={"CalibPercentile": cfg.percentile})
+                        calibration_cache_path=ranges)
+        if cfg.quantize_embeddings:
+            table.update(_table_to_block_int8(dst))
         seconds["quantize"] += time.time() - t0
         return names
 
-    sens = _with_sensitivity(cfg, quantize, src.path, dst, windows, ref, threads, set(outliers))
-    if sens is None:
-        quantize(set(outliers))
+    table: dict[str, Any] = {}
+    try:
+        sens = _with_sensitivity(cfg, quantize, src.path, dst, windows, ref, threads, set(outliers))
+        if sens is None:
+            quantize(set(outliers))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     cmp = compare_logits(ref, OnnxCausalLM(out_dir, threads=threads), windows)
     counts = op_counts(dst)
     quantized = _qdq_matmuls(dst)
@@ -891,10 +954,13 @@ def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
         "quantized_matmuls": quantized,
         "fp32_matmuls": len(matmuls) - quantized,
         "outlier_nodes": outliers,
+        "embeddings_quantized": bool(table.get("bits")),
+        "embedding": table or None,
         "calibrate_method": cfg.calibrate_method,
         "calib_tokens": int(calib.size),
         **_quality(cmp, windows),
         "sensitivity": sens,
+        "calibrate_seconds": round(calibrate_seconds, 2),
         "quantize_seconds": round(seconds["quantize"], 2),
         "seconds": round(time.time() - started, 2),
     }
@@ -904,6 +970,39 @@ def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
            "calibrate_method, lower max_activation_outlier, or set max_ppl_increase")
     _sensitivity_failure(sens, "static INT8", dst)
     return result
+
+
+def _table_to_block_int8(path: Path, block: int = 32) -> dict[str, Any]:
+    """Rewrite the token table of the graph at ``path`` as symmetric int8 blocks (GatherBlockQuantized)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    node = next((n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and n.input[1] == "input_ids"
+                 and len(inits[n.input[0]].dims) == 2), None)
+    if node is None:
+        return {"bits": 0, "kept_fp32": "no token-table Gather on input_ids"}
+    table = numpy_helper.to_array(inits[node.input[0]])
+    if table.shape[1] % block:
+        return {"bits": 0, "kept_fp32": f"hidden size {table.shape[1]} is not a multiple of {block}"}
+    q = block_quantize(np.ascontiguousarray(table.T), 8, block, "sym")
+    base = node.input[0]
+    gbq = helper.make_node("GatherBlockQuantized", [base + "_Q8", node.input[1], base + "_scales"], list(node.output),
+                           name=node.name + "_Q8", domain="com.microsoft", bits=8, block_size=block, gather_axis=0,
+                           quantize_axis=1)
+    nodes = [gbq if n is node else n for n in g.node]
+    del g.node[:]
+    g.node.extend(nodes)
+    keep = [i for i in g.initializer if i.name != base]
+    del g.initializer[:]
+    g.initializer.extend(keep + [numpy_helper.from_array(q["packed"].reshape(table.shape[0], -1), base + "_Q8"),
+                                 numpy_helper.from_array(q["scales"], base + "_scales")])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _save(model, path)
+    return {"bits": 8, "block_size": block, "op": "GatherBlockQuantized"}
 
 
 def _qdq_matmuls(path: Path) -> int:
@@ -995,7 +1094,8 @@ def quantize_int4(cfg: Int4Config, onnx_dir: Path, out_dir: Path,
     Returns:
         ``onnx_file``, ``size_bytes``, ``size_bytes_before``, ``size_ratio``, ``op_counts``,
         ``quantized_matmuls``, ``fp32_matmuls``, ``embedding`` (``bits``, ``tied`` and ``shared``:
-        whether the output projection reads the table's own tensors), ``weight_error`` (``rel_rmse``
+        whether the output projection reads the table's own tensors), ``fused_groups`` (merged
+        projections, see ``fuse_projections``), ``weight_error`` (``rel_rmse``
         of all quantized weights and ``exact_share``: share of weights the quantized grid reproduces
         to within 1e-4 of their block scale, 1.0 when the fp32 weights already lie on that grid),
         ``top1_agreement``, ``mean_abs_logit_diff``, ``max_abs_logit_diff``, ``probe_ppl_fp32``,
@@ -1043,6 +1143,7 @@ def quantize_int4(cfg: Int4Config, onnx_dir: Path, out_dir: Path,
         "quantized_matmuls": len(info["quantized"]),
         "fp32_matmuls": info["weight_matmuls"] - len(info["quantized"]),
         "embedding": info["embedding"],
+        "fused_groups": info["fused_groups"],
         "weight_error": info["weight_error"],
         **_quality(cmp, windows),
         "block_size": cfg.block_size,
@@ -1207,11 +1308,105 @@ def _write_int4(cfg: Int4Config, src: Path, dst: Path, excluded: set[str]) -> tu
         finally:
             nbits_log.setLevel(level)
         model = quantizer.model.model
-    _save(model, dst)
     nbits_out = {m.output[0].removesuffix("/nbits") for m in model.graph.node if m.op_type == "MatMulNBits"}
     quantized = [n.name for n in matmuls if n.output[0] in nbits_out]
-    return quantized, {"embedding": embedding, "weight_matmuls": len(matmuls),
-                       "weight_error": nbits_weight_error(model, originals, corrections)}
+    weight_error = nbits_weight_error(model, originals, corrections)
+    fused = fuse_shared_input_nbits(model) if cfg.fuse_projections else []
+    _save(model, dst)
+    return quantized, {"embedding": embedding, "weight_matmuls": len(matmuls), "weight_error": weight_error,
+                       "fused_groups": len(fused)}
+
+
+def fuse_shared_input_nbits(model) -> list[list[str]]:
+    """Merge MatMulNBits nodes that read the same input (q/k/v, gate/up) into one node and a ``Split``.
+
+    Decode on a CPU pays a fixed cost per node, so three small kernels cost more than one wide one;
+    the weights are concatenated along N, which changes no output value. A ``minmax_corrected``
+    remainder (MatMul on the input's block sums, then Add) is merged the same way. Nodes whose
+    weights are not plain initializers (the head that reads the token table) are left alone.
+
+    Returns:
+        The output names of each merged group, in graph order.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, list[Any]] = collections.defaultdict(list)
+    for n in g.node:
+        for name in n.input:
+            users[name].append(n)
+
+    def correction_of(node) -> tuple[Any, Any] | None:
+        """The (Add, MatMul) pair that adds this node's block-sum remainder, if any."""
+        outs = users.get(node.output[0], [])
+        if len(outs) != 1 or outs[0].op_type != "Add":
+            return None
+        other = [producer.get(i) for i in outs[0].input if i != node.output[0]]
+        if len(other) != 1 or other[0] is None or other[0].op_type != "MatMul" or other[0].input[1] not in inits:
+            return None
+        return outs[0], other[0]
+
+    groups: dict[tuple, list[Any]] = collections.defaultdict(list)
+    for n in g.node:
+        if n.op_type != "MatMulNBits" or not all(i in inits for i in n.input[1:] if i):
+            continue
+        attrs = tuple(sorted((a.name, a.i) for a in n.attribute if a.name != "N"))
+        zp = inits[n.input[3]].data_type if len(n.input) > 3 and n.input[3] else None
+        corr = correction_of(n)
+        groups[(n.input[0], attrs, zp, corr is not None and corr[1].input[0])].append((n, corr))
+    merged: list[list[str]] = []
+    replace: dict[int, list[Any]] = {}
+    remove: set[int] = set()
+    drop: set[str] = set()
+    new_inits = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        x, tag = members[0][0].input[0], f"{members[0][0].name}/fused"
+        widths = [next(a.i for a in n.attribute if a.name == "N") for n, _ in members]
+        arrays = [[numpy_helper.to_array(inits[i]) for i in n.input[1:] if i] for n, _ in members]
+        names = [f"{tag}/weight", f"{tag}/scales", f"{tag}/zero_points"][: len(arrays[0])]
+        for j, name in enumerate(names):
+            new_inits.append(numpy_helper.from_array(np.concatenate([a[j] for a in arrays], 0), name))
+        attrs = {a.name: a.i for a in members[0][0].attribute} | {"N": int(sum(widths))}
+        block = [helper.make_node("MatMulNBits", [x, *names], [f"{tag}/nbits"], name=tag, domain="com.microsoft",
+                                  **attrs)]
+        whole = f"{tag}/nbits"
+        corrected = members[0][1] is not None
+        if corrected:
+            block_sums = members[0][1][1].input[0]
+            c = np.concatenate([numpy_helper.to_array(inits[corr[1].input[1]]) for _, corr in members], 1)
+            new_inits.append(numpy_helper.from_array(c, f"{tag}/correction_weight"))
+            block += [helper.make_node("MatMul", [block_sums, f"{tag}/correction_weight"], [f"{tag}/correction"],
+                                       name=f"{tag}/correction"),
+                      helper.make_node("Add", [whole, f"{tag}/correction"], [f"{tag}/sum"], name=f"{tag}/sum")]
+            whole = f"{tag}/sum"
+        outputs = [corr[0].output[0] if corrected else n.output[0] for n, corr in members]
+        new_inits.append(numpy_helper.from_array(np.array(widths, np.int64), f"{tag}/widths"))
+        block.append(helper.make_node("Split", [whole, f"{tag}/widths"], outputs, name=f"{tag}/split", axis=-1))
+        first = min(i for i, n in enumerate(g.node) if any(n is m for m, _ in members))
+        replace[first] = block
+        for n, corr in members:
+            remove.update(i for i, m in enumerate(g.node) if m is n or (corr and (m is corr[0] or m is corr[1])))
+            drop.update(i for i in n.input[1:] if i)
+            if corr:
+                drop.add(corr[1].input[1])
+        merged.append(outputs)
+    if not merged:
+        return merged
+    nodes = []
+    for i, n in enumerate(g.node):
+        nodes += replace.get(i, [])
+        if i not in remove:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    keep = [i for i in g.initializer if i.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    return merged
 
 
 def dequantize_nbits(node, tensors: dict[str, np.ndarray]) -> np.ndarray:

@@ -66,7 +66,9 @@ def test_quantize_int4_writes_matmulnbits_and_a_shared_table_that_generates_when
 
     weights = len(weight_matmuls(onnx.load(str(exported / "model.onnx"))))
     ops = result["op_counts"]
-    assert ops["MatMulNBits"] == weights == result["quantized_matmuls"] and result["fp32_matmuls"] == 0
+    assert weights == result["quantized_matmuls"] == 15 and result["fp32_matmuls"] == 0
+    # Per layer q/k/v and gate/up share an input: 2 merged groups + o + down, plus the head.
+    assert result["fused_groups"] == 4 and ops["Split"] >= 4 and ops["MatMulNBits"] == 2 * 4 + 1
     assert ops["GatherBlockQuantized"] == 1
     assert result["embedding"] == {"bits": 8, "tied": True, "shared": True}
     graph = onnx.load(str(tmp_path / "q" / INT4_FILE)).graph
@@ -92,7 +94,7 @@ def test_quantize_int4_reproduces_the_gguf_grid_exactly_when_the_scheme_keeps_bl
 
     assert exact["weight_error"]["exact_share"] == 1.0 and exact["weight_error"]["rel_rmse"] < 1e-5
     assert exact["max_abs_logit_diff"] < 1e-3 and exact["top1_agreement"] == 1.0
-    assert exact["op_counts"]["MatMulNBits"] == exact["quantized_matmuls"] > 0
+    assert exact["quantized_matmuls"] == 15 and exact["fused_groups"] == 4
 
 
 def test_quantize_int4_moves_every_block_when_the_zero_point_is_an_integer(gguf_export, tmp_path):
@@ -133,6 +135,22 @@ def test_block_quantize_matches_onnxruntime_quantizer_when_scheme_is_an_ort_rule
     np.testing.assert_allclose(y, x @ theirs, rtol=1e-4, atol=1e-4)  # the kernel computes with what we decode
 
 
+@pytest.mark.parametrize("scheme", ["minmax_corrected", "sym"])
+def test_quantize_int4_merges_shared_input_projections_without_changing_logits_when_fusing(exported, tmp_path,
+                                                                                          scheme):
+    from serving.runtime.generator import OnnxCausalLM
+
+    fused = quantize_int4(Int4Config(**PROBE, scheme=scheme), exported, tmp_path / "f", probe_texts=CORPUS)
+    plain = quantize_int4(Int4Config(**PROBE, scheme=scheme, fuse_projections=False), exported, tmp_path / "p",
+                          probe_texts=CORPUS)
+
+    assert fused["op_counts"]["MatMulNBits"] < plain["op_counts"]["MatMulNBits"] == 15
+    assert plain["fused_groups"] == 0 and fused["weight_error"] == plain["weight_error"]
+    ids = np.array([OnnxCausalLM(exported).encode(" ".join(CORPUS))[:48]])
+    a, b = OnnxCausalLM(tmp_path / "f").logits(ids), OnnxCausalLM(tmp_path / "p").logits(ids)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def test_quantize_int4_leaves_the_table_fp32_when_embedding_bits_is_zero(exported, tmp_path):
     result = quantize_int4(Int4Config(**PROBE, embedding_bits=0), exported, tmp_path / "q", probe_texts=CORPUS)
 
@@ -154,7 +172,7 @@ def test_quantize_int4_pads_the_last_block_when_k_is_not_a_multiple_of_block_siz
                     if n.op_type == "MatMulNBits" and "down_proj" in n.name)
         assert {a.name: a.i for a in down.attribute}["K"] == 72
         assert result["fp32_matmuls"] == 0 and result["top1_agreement"] >= 0.9
-    assert results["minmax_corrected"]["op_counts"]["MatMulNBits"] == 8
+    assert results["minmax_corrected"]["quantized_matmuls"] == 8
     assert results["minmax_corrected"]["max_abs_logit_diff"] < 0.5
 
 

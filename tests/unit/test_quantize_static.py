@@ -41,7 +41,7 @@ def test_quantize_static_writes_a_qdq_graph_that_generates_when_calibrated_on_wi
 
     ops = result["op_counts"]
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
-    assert ops["MatMulInteger"] == 0
+    assert ops["MatMulInteger"] == 0 and ops["GatherBlockQuantized"] == 1 and result["embeddings_quantized"]
     assert result["quantized_matmuls"] == 15 and result["fp32_matmuls"] == 0  # 7 per layer + the head
     assert result["calib_tokens"] == 4 * 32 and result["probe_tokens"] == 2 * 64
     assert result["size_bytes"] < result["size_bytes_before"]
@@ -54,13 +54,15 @@ def test_quantize_static_writes_a_qdq_graph_that_generates_when_calibrated_on_wi
 
 def test_quantize_static_narrows_activation_ranges_when_calibration_is_percentile(exported, tmp_path):
     quantize_static_int8(StaticInt8Config(**SMALL), exported, tmp_path / "minmax", calib_texts=CALIB)
-    quantize_static_int8(StaticInt8Config(**SMALL, calibrate_method="percentile", percentile=99.0), exported,
-                         tmp_path / "pct", calib_texts=CALIB)
+    pct_result = quantize_static_int8(StaticInt8Config(**SMALL, calibrate_method="percentile", percentile=99.0,
+                                                       quantize_embeddings=False),
+                                      exported, tmp_path / "pct", calib_texts=CALIB)
 
     minmax, pct = _activation_scales(tmp_path / "minmax" / QDQ_FILE), _activation_scales(tmp_path / "pct" / QDQ_FILE)
     assert minmax.keys() == pct.keys() and minmax
     ratios = np.array([pct[k] / minmax[k] for k in minmax])
     assert (ratios <= 1 + 1e-6).all() and (ratios < 0.99).any()
+    assert pct_result["op_counts"]["GatherBlockQuantized"] == 0 and not pct_result["embeddings_quantized"]
 
 
 def test_quantize_static_raises_source_error_before_work_when_calibration_split_is_empty(exported, tmp_path):
