@@ -47,8 +47,9 @@ PARAMS = {
                         title="Techniques", description="Applied in pipeline order; unchecked ones pass through."),
     "recipe": Param(None, type=["null", "string"], title="Recipe",
                     description="A recipe from tasks/recipes/ (e.g. quick) or a YAML path; replaces Techniques."),
-    "registered_model": Param("trimflow-smollm2", type="string", pattern=r"^[A-Za-z0-9_.-]{1,128}$",
-                              title="Registered model name"),
+    "registered_model": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+                              title="Registered model name",
+                              description="Empty: trimflow-smollm2 for a causal LM, trimflow-minilm for an encoder."),
     "data_source": Param(None, type=["null", "string"], title="Data source",
                          description="Empty for the packaged news corpus, or a folder with train.jsonl/eval.jsonl."),
     "student_layers": Param(None, type=["null", "integer"], minimum=1, title="Student layers"),
@@ -59,7 +60,8 @@ PARAMS = {
     "max_size_mb": Param(None, type=["null", "number"], exclusiveMinimum=0, title="Gate: max size (MB)"),
     "deploy_target": Param("local", enum=["local", "none"], title="Deploy target",
                            description="local: Triton on this machine; none: register only."),
-    "model_name": Param("trimflow_llm", type="string", pattern=r"^[A-Za-z0-9_-]{1,64}$", title="Triton model name"),
+    "model_name": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9_-]{1,64}$", title="Triton model name",
+                        description="Empty: trimflow_llm (plus trimflow_llm_stream) or trimflow_encoder."),
 }
 
 

@@ -184,3 +184,66 @@ def rollback(model_name: str, failed_version: int | str, champion_version: int |
     champion = int(champion_version) if champion_version is not None else None
     return _rollback(reason, stage, repo, server, model_name, int(failed_version), champion,
                      repo.read_config(model_name), spec)
+
+
+def deploy_encoder(candidate_dir: Path, model_name: str, version: int | str, champion_version: int | str | None,
+                   server: LocalTriton, *, spec: ModelConfigSpec | None = None,
+                   smoke_texts: tuple[str, ...] = ("The council approved the budget.", "Heavy rain flooded roads."),
+                   ) -> dict:
+    """Serve an encoder export as ``model_name`` v``version`` beside the champion, check it, switch.
+
+    The same sequence as ``deploy_and_smoke_test`` for the LLM, with an embedding request as the
+    smoke test: the candidate must return one finite, L2-normalised vector per text.
+
+    Raises:
+        DeployError: naming the failed stage; after a write, the champion is restored.
+    """
+    import numpy as np
+
+    from serving.semantic_cache import embed_texts, write_encoder_version
+
+    version = int(version)
+    champion = int(champion_version) if champion_version is not None else None
+    repo = ModelRepository(server.config.model_repository)
+    spec = spec or ModelConfigSpec.encoder_embed(model_name)
+    if champion == version:
+        raise DeployError(f"{model_name}: candidate version {version} is the champion version; use a new number")
+    if champion is not None and champion not in repo.versions(model_name):
+        champion = None  # a wiped repository: deploy without a fallback rather than refuse
+    previous = repo.read_config(model_name)
+    written = None
+    stage = "write version"
+    try:
+        written = write_encoder_version(repo, model_name, version, candidate_dir)
+        stage = "load candidate beside champion"
+        policy = VersionPolicy.specific(*[v for v in (champion, version) if v is not None])
+        repo.write_config(model_name, spec.with_version_policy(policy).to_pbtxt())
+        server.load(model_name)
+        stage = "smoke test"
+        t0 = time.perf_counter()
+        emb = embed_texts(server.grpc_url, model_name, list(smoke_texts), version=version)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        norms = np.linalg.norm(emb, axis=1)
+        if emb.shape[0] != len(smoke_texts) or not np.all(np.isfinite(emb)) or not np.allclose(norms, 1.0, atol=1e-3):
+            raise DeployError(f"smoke embeddings malformed: shape {emb.shape}, norms {norms.round(4).tolist()}")
+        stage = "switch to candidate"
+        repo.write_config(model_name, spec.with_version_policy(VersionPolicy.specific(version)).to_pbtxt())
+        server.load(model_name)
+        if not server.is_ready(model_name, version):
+            raise DeployError(f"version {version} not ready after the switch")
+        running = server.model_config(model_name)
+    except Exception as e:  # every failure after the write rolls back; the cause is chained
+        if written is None:
+            raise DeployError(f"deploy of {model_name} v{version} failed at '{stage}': {type(e).__name__}: {e}\n"
+                              f"nothing was changed") from e
+        raise _rollback(e, stage, repo, server, model_name, version, champion, previous, spec) from e
+    return {
+        "model_name": model_name, "version": version, "champion_version": champion,
+        "served_versions": server.ready_versions(model_name),
+        "dynamic_batching": "dynamic_batching" in running,
+        "response_cache": bool(running.get("response_cache", {}).get("enable", False)),
+        "smoke_test": {"ok": True, "texts": list(smoke_texts), "dim": int(emb.shape[1]),
+                       "latency_ms": round(latency_ms, 2)},
+        "repository": repo.uri(model_name), "http_url": server.http_url, "grpc_url": server.grpc_url,
+        "server_log": str(server.log_file),
+    }

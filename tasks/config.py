@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.errors import ConfigError
 
 TECHNIQUES = ("distill", "prune", "quantize")
+# Default names by model kind, so an encoder recipe never lands in the LLM's registry entry.
+REGISTERED_NAMES = {"causal_lm": "trimflow-smollm2", "encoder": "trimflow-minilm"}
+TRITON_NAMES = {"causal_lm": "trimflow_llm", "encoder": "trimflow_encoder"}
 DEFAULT_SOURCE = "smollm2"
 
 
@@ -179,11 +182,13 @@ class GateConfig(_Frozen):
             profile, whose short distillation cannot reach teacher quality).
         min_speedup: candidate / teacher decode tokens per second (default 1.2).
         max_size_mb: candidate size on disk in MB (default 400).
+        min_quality_ratio: encoders only: candidate / teacher Spearman on the Lee corpus (default 0.95).
     """
 
     max_ppl_ratio: float = Field(4.0, gt=0)
     min_speedup: float = Field(1.2, ge=0)
     max_size_mb: float = Field(400.0, gt=0)
+    min_quality_ratio: float = Field(0.95, ge=0)
 
 
 class DeployConfig(_Frozen):
@@ -192,7 +197,8 @@ class DeployConfig(_Frozen):
     Args:
         target: ``local`` (Triton on this machine) or ``none`` (register only) (default local).
         model_name: Triton model name of the request-level model (dynamic batching + response cache);
-            letters, digits, ``_`` and ``-`` only (default ``trimflow_llm``).
+            letters, digits, ``_`` and ``-`` only (default None: ``trimflow_llm`` for a causal LM,
+            ``trimflow_encoder`` for an encoder).
         stream_model_name: Triton model name of the streaming model (continuous batching + KV-prefix
             cache) serving the same version (default None: ``<model_name>_stream``; ``""``: not deployed).
         canary_requests: canary requests a new version must answer before it replaces the champion
@@ -205,7 +211,7 @@ class DeployConfig(_Frozen):
     """
 
     target: Literal["local", "none"] = "local"
-    model_name: str = Field("trimflow_llm", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     stream_model_name: str | None = Field(None, pattern=r"^([A-Za-z0-9_-]{1,64})?$")
     canary_requests: int = Field(4, ge=0)
     max_batch_size: int = Field(8, ge=1)
@@ -214,10 +220,14 @@ class DeployConfig(_Frozen):
     smoke_prompt: str = "The city council voted on Tuesday to"
     smoke_max_tokens: int = Field(16, ge=1)
 
-    def stream_name(self) -> str | None:
-        if self.stream_model_name == "":
+    def name_for(self, kind: str) -> str:
+        return self.model_name or TRITON_NAMES[kind]
+
+    def stream_name(self, kind: str = "causal_lm") -> str | None:
+        """The streaming model's name; encoders have none (nothing to stream)."""
+        if self.stream_model_name == "" or kind != "causal_lm":
             return None
-        return self.stream_model_name or f"{self.model_name}_stream"
+        return self.stream_model_name or f"{self.name_for(kind)}_stream"
 
 
 class CostConfig(_Frozen):
@@ -243,14 +253,15 @@ class OptimizeConfig(_Frozen):
             with the settings of the sections below (ignored when ``recipe`` is set).
         recipe: a recipe name from ``tasks/recipes/`` or a YAML path; it replaces ``techniques`` and
             the per-technique sections (default None: the chain built from ``techniques``).
-        registered_model: MLflow registered model name (default ``trimflow-smollm2``).
+        registered_model: MLflow registered model name (default None: ``trimflow-smollm2`` for a
+            causal LM, ``trimflow-minilm`` for an encoder).
     """
 
     profile: str = "quick"
     source: str = DEFAULT_SOURCE
     techniques: tuple[str, ...] = TECHNIQUES
     recipe: str | None = None
-    registered_model: str = Field("trimflow-smollm2", pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    registered_model: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$")
     data: DataConfig = DataConfig()
     distill: DistillConfig = DistillConfig()
     prune: PruneConfig = PruneConfig()
@@ -285,6 +296,13 @@ class OptimizeConfig(_Frozen):
         if not v or not v.strip():
             raise ValueError("model source is empty")
         return v.strip()
+
+    def kind(self) -> str:
+        """``causal_lm`` or ``encoder``: what the recipe optimizes."""
+        return self.build_recipe().kind
+
+    def registered_name(self) -> str:
+        return self.registered_model or REGISTERED_NAMES[self.kind()]
 
     def build_recipe(self):
         """The recipe this run applies: the named one, or the chain built from ``techniques``."""
@@ -363,6 +381,7 @@ FLAT_PARAMS: dict[str, tuple[str | None, str]] = {
     "max_ppl_ratio": ("gates", "max_ppl_ratio"),
     "min_speedup": ("gates", "min_speedup"),
     "max_size_mb": ("gates", "max_size_mb"),
+    "min_quality_ratio": ("gates", "min_quality_ratio"),
     "deploy_target": ("deploy", "target"),
     "model_name": ("deploy", "model_name"),
     "stream_model_name": ("deploy", "stream_model_name"),

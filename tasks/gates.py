@@ -17,7 +17,17 @@ from tasks.store import write_json_atomic
 
 
 def ratios(teacher: dict[str, Any], candidate: dict[str, Any]) -> dict[str, float]:
-    """Candidate relative to teacher: perplexity ratio, decode speedup, size ratio (teacher/candidate)."""
+    """Candidate relative to teacher: perplexity ratio, decode speedup, size ratio (teacher/candidate).
+
+    For encoders: quality ratio (Spearman, candidate/teacher) and batch-16 throughput speedup.
+    """
+    if teacher.get("kind") == "encoder":
+        return {
+            "quality_ratio": candidate["quality"] / teacher["quality"],
+            "speedup": candidate["throughput_b16"] / teacher["throughput_b16"],
+            "latency_ratio": teacher["latency_ms_p50"] / candidate["latency_ms_p50"],
+            "size_ratio": teacher["size_bytes"] / candidate["size_bytes"],
+        }
     return {
         "ppl_ratio": candidate["perplexity"] / teacher["perplexity"],
         "speedup": candidate["tokens_per_s"] / teacher["tokens_per_s"],
@@ -34,13 +44,21 @@ def check(cfg: GateConfig, teacher: dict[str, Any], candidate: dict[str, Any], r
     """
     r = ratios(teacher, candidate)
     size_mb = candidate["size_bytes"] / 1e6
-    gates = [
-        _gate("max_ppl_ratio", r["ppl_ratio"], "<=", cfg.max_ppl_ratio,
-              f"held-out perplexity {candidate['perplexity']:.2f} vs teacher {teacher['perplexity']:.2f}"),
-        _gate("min_speedup", r["speedup"], ">=", cfg.min_speedup,
-              f"decode {candidate['tokens_per_s']:.1f} vs teacher {teacher['tokens_per_s']:.1f} tokens/s"),
-        _gate("max_size_mb", size_mb, "<=", cfg.max_size_mb, f"candidate {size_mb:.1f} MB on disk"),
-    ]
+    if teacher.get("kind") == "encoder":
+        gates = [
+            _gate("min_quality_ratio", r["quality_ratio"], ">=", cfg.min_quality_ratio,
+                  f"Lee Spearman {candidate['quality']:.4f} vs teacher {teacher['quality']:.4f}"),
+            _gate("min_speedup", r["speedup"], ">=", cfg.min_speedup,
+                  f"batch-16 {candidate['throughput_b16']:.1f} vs teacher {teacher['throughput_b16']:.1f} items/s"),
+        ]
+    else:
+        gates = [
+            _gate("max_ppl_ratio", r["ppl_ratio"], "<=", cfg.max_ppl_ratio,
+                  f"held-out perplexity {candidate['perplexity']:.2f} vs teacher {teacher['perplexity']:.2f}"),
+            _gate("min_speedup", r["speedup"], ">=", cfg.min_speedup,
+                  f"decode {candidate['tokens_per_s']:.1f} vs teacher {teacher['tokens_per_s']:.1f} tokens/s"),
+        ]
+    gates.append(_gate("max_size_mb", size_mb, "<=", cfg.max_size_mb, f"candidate {size_mb:.1f} MB on disk"))
     failed = [g for g in gates if not g["passed"]]
     report = {"passed": not failed, "gates": gates, "ratios": r, "teacher": teacher, "candidate": candidate}
     write_json_atomic(Path(report_path), report)

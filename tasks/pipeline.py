@@ -62,10 +62,10 @@ def ingest_model(conf: dict[str, Any], run_id: str) -> dict[str, Any]:
 
     def work(out: Path) -> dict[str, Any]:
         folder, info = ingest.materialize(cfg.source, settings.cache_dir, settings.s3_endpoint_url)
-        if info["kind"] != "causal_lm":
-            from tasks.errors import UnsupportedModelError
-
-            raise UnsupportedModelError(f"the optimize DAG needs a causal LM; {cfg.source} is a {info['kind']}")
+        kind = cfg.kind()
+        if info["kind"] != kind:
+            raise ConfigError("source", cfg.source, f"is a {info['kind']} model but recipe "
+                                                    f"{cfg.build_recipe().name!r} optimizes {kind} models")
         key = f"models/{info['content_hash'][:24]}"
         if not store.exists(key):
             tmp = settings.scratch_dir / f".publish-{info['content_hash'][:12]}-{os.getpid()}"
@@ -128,8 +128,10 @@ def baseline(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_resu
     texts = _texts(store, data_result, "eval")
 
     def work(out: Path) -> dict[str, Any]:
-        return evaluate.measure(evaluate.TorchRunner(teacher_dir, threads=cfg.eval.threads), cfg.eval, texts,
-                                prompts_from(texts, cfg.eval.latency_prompts))
+        if cfg.kind() == "encoder":
+            return _measure_encoder(teacher_dir, "hf", cfg)
+        return {"kind": "causal_lm", **evaluate.measure(evaluate.TorchRunner(teacher_dir, threads=cfg.eval.threads),
+                                                        cfg.eval, texts, prompts_from(texts, cfg.eval.latency_prompts))}
 
     return run_step(store, rid, "baseline", {"eval": cfg.eval.model_dump(), "model": model["content_hash"],
                                              "data": data_result["data_hash"]}, work)
@@ -146,11 +148,34 @@ def evaluate_candidate(conf: dict[str, Any], run_id: str, candidate: dict[str, A
     texts = _texts(store, data_result, "eval")
 
     def work(out: Path) -> dict[str, Any]:
-        return evaluate.measure(evaluate.OrtRunner(cand_dir, threads=cfg.eval.threads), cfg.eval, texts,
-                                prompts_from(texts, cfg.eval.latency_prompts))
+        if cfg.kind() == "encoder":
+            return _measure_encoder(cand_dir, "onnx", cfg)
+        return {"kind": "causal_lm", **evaluate.measure(_llm_runner(cand_dir, cfg.eval.threads), cfg.eval, texts,
+                                                        prompts_from(texts, cfg.eval.latency_prompts))}
 
     return run_step(store, rid, "evaluate", {"eval": cfg.eval.model_dump(), "candidate": candidate["uri"],
                                              "data": data_result["data_hash"]}, work)
+
+
+def _llm_runner(folder: Path, threads: int):
+    """onnxruntime for a plain export; the early-exit runtime when the export has exits."""
+    from tasks import evaluate
+
+    if (folder / "trimflow_early_exit.json").is_file():
+        from tasks.early_exit import runner_for
+
+        return runner_for(folder, threads=threads)
+    return evaluate.OrtRunner(folder, threads=threads)
+
+
+def _measure_encoder(folder: Path, form: str, cfg: OptimizeConfig) -> dict[str, Any]:
+    """Encoder quality (Spearman on the Lee corpus) and cost; the same code for teacher and candidate."""
+    from tasks.encoder_eval import EncoderEvalConfig, OrtEncoderRunner, TorchEncoderRunner, measure_encoder
+
+    runner = TorchEncoderRunner(folder) if form == "hf" else OrtEncoderRunner(folder)
+    m = measure_encoder(runner, EncoderEvalConfig(threads=cfg.eval.threads))
+    # Common names so gates, registry and report read both kinds alike.
+    return {"kind": "encoder", **m, "latency_ms_p50": m["latency_ms_p50_b1"], "latency_ms_p95": m["latency_ms_p95_b1"]}
 
 
 # -- 4-6. the recipe, stage by stage: distill, prune, compress, early_exit, export, quantize ----------
@@ -234,7 +259,8 @@ def flat_params(cfg: OptimizeConfig) -> dict[str, Any]:
 
 
 def metrics_of(teacher: dict[str, Any], candidate: dict[str, Any], verdict: dict[str, Any] | None = None) -> dict[str, float]:
-    keys = ("perplexity", "size_bytes", "latency_ms_p50", "latency_ms_p95", "tokens_per_s", "ttft_ms_p50")
+    keys = ("perplexity", "quality", "size_bytes", "latency_ms_p50", "latency_ms_p95", "tokens_per_s", "ttft_ms_p50",
+            "throughput_b16")
     m = {f"teacher_{k}": teacher[k] for k in keys if isinstance(teacher.get(k), (int, float))}
     m |= {f"student_{k}": candidate[k] for k in keys if isinstance(candidate.get(k), (int, float))}
     if verdict:
@@ -265,7 +291,7 @@ def register(conf: dict[str, Any], run_id: str, model: dict[str, Any], data_resu
         "trimflow.config_digest": cfg.digest(),
     }
     req = registry.RegisterRequest(
-        name=cfg.registered_model, run_id=rid, onnx_dir=model_path(store, candidate),
+        name=cfg.registered_name(), run_id=rid, onnx_dir=model_path(store, candidate), kind=cfg.kind(),
         hf_dir=model_path(store, {"uri": candidate["hf_uri"]}) if candidate.get("hf_uri") else None,
         params=flat_params(cfg),
         metrics=metrics_of(teacher_metrics, candidate_metrics, verdict), tags=tags, artifacts=artifacts)
@@ -282,10 +308,16 @@ def report(conf: dict[str, Any], run_id: str, *, model: dict[str, Any], data: di
 
     cfg = _cfg(conf)
     settings, store, rid = _ctx(run_id)
+    if teacher.get("kind") == "encoder":
+        # Tokens embedded per second at batch 16: the encoder's unit of work.
+        rate = lambda m: {"tokens_per_s": m["throughput_b16"] * m.get("tokens_mean", 1.0)}  # noqa: E731
+        basis = "batch-16 embedding"
+    else:
+        rate, basis = (lambda m: m), "batch-1 decode"
     cost = {
-        "basis": f"{cfg.cost.node} at ${cfg.cost.usd_per_hour}/h, batch-1 decode",
-        "teacher_usd_per_1m_tokens": report_mod.cost_per_million_tokens(teacher, cfg.cost.usd_per_hour),
-        "student_usd_per_1m_tokens": report_mod.cost_per_million_tokens(candidate, cfg.cost.usd_per_hour),
+        "basis": f"{cfg.cost.node} at ${cfg.cost.usd_per_hour}/h, {basis}",
+        "teacher_usd_per_1m_tokens": report_mod.cost_per_million_tokens(rate(teacher), cfg.cost.usd_per_hour),
+        "student_usd_per_1m_tokens": report_mod.cost_per_million_tokens(rate(candidate), cfg.cost.usd_per_hour),
     }
     doc = {
         "run_id": rid,
@@ -337,7 +369,11 @@ def _step_summaries(store, rid: str, chain: dict[str, Any] | None) -> dict[str, 
 def _serving_spec(cfg: OptimizeConfig):
     from serving.model_config import ModelConfigSpec
 
-    return ModelConfigSpec.llm_generate(cfg.deploy.model_name, max_batch_size=cfg.deploy.max_batch_size,
+    if cfg.kind() == "encoder":
+        return ModelConfigSpec.encoder_embed(cfg.deploy.name_for("encoder"), max_batch_size=32,
+                                             max_queue_delay_microseconds=cfg.deploy.max_queue_delay_us,
+                                             response_cache=cfg.deploy.response_cache)
+    return ModelConfigSpec.llm_generate(cfg.deploy.name_for("causal_lm"), max_batch_size=cfg.deploy.max_batch_size,
                                         max_queue_delay_microseconds=cfg.deploy.max_queue_delay_us,
                                         response_cache=cfg.deploy.response_cache)
 
@@ -345,7 +381,7 @@ def _serving_spec(cfg: OptimizeConfig):
 def _stream_spec(cfg: OptimizeConfig):
     from serving.model_config import ModelConfigSpec
 
-    return ModelConfigSpec.llm_continuous(cfg.deploy.stream_name(), max_batch=cfg.deploy.max_batch_size)
+    return ModelConfigSpec.llm_continuous(cfg.deploy.stream_name(), max_batch=cfg.deploy.max_batch_size)  # causal LMs only
 
 
 def _champion_in(repo, model: str, champion: int | None) -> int | None:
@@ -378,13 +414,29 @@ def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candid
     if cfg.deploy.target == "none":
         return {"target": "none", "model_name": None, "version": None, "dynamic_batching": None,
                 "response_cache": None}
-    name, stream = cfg.deploy.model_name, cfg.deploy.stream_name()
+    kind = cfg.kind()
+    name, stream = cfg.deploy.name_for(kind), cfg.deploy.stream_name(kind)
     version = int(registered["version"])
     server = local_server(settings).ensure_running()
     repo = ModelRepository(settings.triton_repository, endpoint_url=settings.s3_endpoint_url,
                            scratch=settings.scratch_dir)
     champion = registry.alias_version(settings.mlflow_tracking_uri, registered["name"])
     cand_dir = model_path(store, candidate)
+    if kind == "encoder":
+        from serving.deploy import deploy_encoder
+
+        if version in repo.versions(name) and server.ready_versions(name) == [version]:
+            result = {"version": version, "served_versions": [version], "reused": True}
+        else:
+            result = deploy_encoder(cand_dir, name, version, _champion_in(repo, name, champion), server,
+                                    spec=_serving_spec(cfg))
+        running = server.model_config(name)
+        return {"target": "local", "kind": "encoder", "model_name": name, "stream_model_name": None,
+                "version": version, "champion_version": champion, "served_versions": server.ready_versions(name),
+                "dynamic_batching": "dynamic_batching" in running,
+                "response_cache": bool(running.get("response_cache", {}).get("enable", False)),
+                "continuous_batching": None, "repository": repo.uri(name), "http_url": server.http_url,
+                "grpc_url": server.grpc_url, "smoke": result.get("smoke_test")}
     smoke = dict(smoke_prompt=cfg.deploy.smoke_prompt, smoke_max_tokens=cfg.deploy.smoke_max_tokens)
     results: dict[str, Any] = {}
     models = [(name, _serving_spec(cfg), None, RolloutConfig(min_canary_requests=cfg.deploy.canary_requests,
@@ -426,7 +478,7 @@ def _restore(settings, cfg: OptimizeConfig, model: str, failed_version: int, cha
     from serving.deploy import rollback
     from serving.server import local_server
 
-    spec = _stream_spec(cfg) if model == cfg.deploy.stream_name() else _serving_spec(cfg)
+    spec = _stream_spec(cfg) if model == cfg.deploy.stream_name(cfg.kind()) else _serving_spec(cfg)
     err = rollback(model, failed_version, champion, local_server(settings), RuntimeError("a sibling model failed"),
                    spec=spec, stage="sibling rollback")
     log.error("%s", err)
@@ -451,6 +503,8 @@ def smoke_test(conf: dict[str, Any], run_id: str, registered: dict[str, Any], de
     name, stream, version = deployed["model_name"], deployed.get("stream_model_name"), int(deployed["version"])
     server = local_server(settings).ensure_running()
     prompt, max_tokens = cfg.deploy.smoke_prompt, cfg.deploy.smoke_max_tokens
+    if deployed.get("kind") == "encoder":
+        return _smoke_encoder(settings, cfg, registered, deployed, server)
     try:
         for model in filter(None, (name, stream)):
             served = server.ready_versions(model)
@@ -476,3 +530,29 @@ def smoke_test(conf: dict[str, Any], run_id: str, registered: dict[str, Any], de
             "checks": {k: {kk: v.get(kk) for kk in ("endpoint", "model", "text", "latency_ms", "ttft_ms")}
                        for k, v in checks.items()},
             "champion": promoted["version"], "aliases": promoted["aliases"]}
+
+
+def _smoke_encoder(settings, cfg: OptimizeConfig, registered: dict[str, Any], deployed: dict[str, Any], server):
+    """Embeddings as clients ask for them: related texts must sit closer than unrelated ones."""
+    from serving.semantic_cache import embed_texts
+    from tasks import registry
+    from tasks.errors import DeployError
+
+    name, version = deployed["model_name"], int(deployed["version"])
+    texts = ["The city council approved the new school budget on Tuesday.",
+             "On Tuesday the council passed the budget for the town's schools.",
+             "Heavy rain flooded several roads near the coast."]
+    try:
+        if server.ready_versions(name) != [version]:
+            raise DeployError(f"Triton serves versions {server.ready_versions(name)} of {name}, expected [{version}]")
+        emb = embed_texts(server.grpc_url, name, texts)
+        related, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
+        if not related > unrelated:
+            raise DeployError(f"paraphrase similarity {related:.3f} is not above unrelated {unrelated:.3f}")
+    except Exception as e:  # roll back before failing the run
+        _restore(settings, cfg, name, version, deployed.get("champion_version"))
+        raise DeployError(f"smoke test of {name} v{version} failed ({type(e).__name__}: {e}); rolled back") from e
+    promoted = registry.promote(settings.mlflow_tracking_uri, registered["name"], registered["version"])
+    return {"ok": True, "endpoint": "infer", "text": f"cos(paraphrase)={related:.3f} > cos(unrelated)={unrelated:.3f}",
+            "similarity": {"paraphrase": related, "unrelated": unrelated}, "champion": promoted["version"],
+            "aliases": promoted["aliases"]}

@@ -39,6 +39,7 @@ class RegisterRequest:
         metrics: flat numeric metrics.
         tags: lineage tags set on the run and on the model version.
         artifacts: extra files (config, reports) logged under ``reports/``.
+        kind: ``causal_lm`` (a text-generation pyfunc) or ``encoder`` (an embedding pyfunc).
     """
 
     name: str
@@ -49,6 +50,7 @@ class RegisterRequest:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
+    kind: str = "causal_lm"
 
 
 def _client(tracking_uri: str):
@@ -110,11 +112,13 @@ def register(req: RegisterRequest, tracking_uri: str) -> dict[str, Any]:
         artifacts = {"onnx": str(req.onnx_dir)}
         if req.hf_dir is not None:
             artifacts["hf"] = str(req.hf_dir)
+        encoder = req.kind == "encoder"
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
+            python_model=str(Path(__file__).with_name("mlflow_pyfunc_encoder.py" if encoder else "mlflow_pyfunc.py")),
             artifacts=artifacts,
-            code_paths=[str(REPO_ROOT / "serving")],
+            # The encoder runtime lives in tasks/, the LLM's in serving/runtime/.
+            code_paths=[str(REPO_ROOT / ("tasks" if encoder else "serving"))],
             # Explicit requirements: inference would import torchvision through transformers.
             pip_requirements=["onnxruntime==1.32.0", "tokenizers", "numpy", "pandas"],
         )

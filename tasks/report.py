@@ -29,14 +29,23 @@ def _fmt(key: str, value: Any, fmt: str | None) -> str:
     return fmt.format(value) if fmt else str(value)
 
 
+ENCODER_ROWS = (
+    ("quality", "Lee Spearman (quality)", "{:.4f}"),
+    ("size_bytes", "size on disk (MB)", None),
+    ("latency_ms_p50", "latency p50 (ms / text, batch 1)", "{:.1f}"),
+    ("throughput_b16", "throughput (texts/s, batch 16)", "{:.1f}"),
+)
+
+
 def markdown(report: dict[str, Any]) -> str:
     t, c = report["teacher"], report["student"]
+    rows = ENCODER_ROWS if t.get("kind") == "encoder" else ROWS
     lines = [f"# trimflow run `{report['run_id']}`", "",
              f"Model source `{report['source']}` · profile `{report['profile']}` · techniques "
              f"{', '.join(report['techniques']) or 'none'}", "",
              f"| metric | teacher ({t.get('runtime', '?')}) | optimized ({c.get('runtime', '?')}) | ratio |",
              "|---|---:|---:|---:|"]
-    for key, label, fmt in ROWS:
+    for key, label, fmt in rows:
         tv, cv = t.get(key), c.get(key)
         ratio = f"{cv / tv:.2f}×" if isinstance(tv, (int, float)) and isinstance(cv, (int, float)) and tv else "–"
         lines.append(f"| {label} | {_fmt(key, tv, fmt)} | {_fmt(key, cv, fmt)} | {ratio} |")

@@ -137,3 +137,22 @@ def test_optimize_dag_serves_real_text_when_ci_profile_on_smollm2(tmp_path_facto
             assert len(words) >= 2, f"expected real words from SmolLM2, got {text!r}"
     finally:
         stop_stack(stack, server, db)
+
+
+def test_optimize_dag_serves_an_encoder_when_recipe_is_for_encoders(stack, tmp_path):
+    from serving.semantic_cache import embed_texts
+    from tests.tiny import make_tiny_encoder
+
+    source = make_tiny_encoder(tmp_path / "tiny-bert", layers=4)
+    recipe = tmp_path / "tiny-encoder.yaml"
+    recipe.write_text("name: tiny-encoder\nkind: encoder\nsteps:\n"
+                      "  - {technique: encoder_distill, student_layers: 2, steps: 2, batch_size: 4}\n"
+                      "  - {technique: encoder_quantize_int8}\n")
+    result = stack.run({"profile": "ci", "source": str(source), "recipe": str(recipe), "min_speedup": 0.0,
+                        "min_quality_ratio": 0.0, "registered_model": "trimflow-tiny-encoder"}, "encoder")
+    assert result["state"] == "success", stack.log_text(result)[-4000:]
+    versions = registry_versions(stack, "trimflow-tiny-encoder")
+    assert [v["version"] for v in versions] == [1] and "champion" in versions[0]["aliases"]
+    assert versions[0]["tags"]["trimflow.recipe"] == "encoder_distill,export_encoder_onnx,encoder_quantize_int8"
+    emb = embed_texts(stack.triton_grpc, "trimflow_encoder", ["The council met.", "Rain fell."])
+    assert emb.shape[0] == 2 and abs(float((emb[0] ** 2).sum()) - 1.0) < 1e-3
