@@ -8,6 +8,7 @@ batch-16 throughput on the same real text, with the same thread count for every 
     teacher = measure_encoder(TorchEncoderRunner(hf_dir), EncoderEvalConfig())
     student = measure_encoder(OrtEncoderRunner(onnx_dir), EncoderEvalConfig())
     student["quality"] / teacher["quality"], student["throughput_b16"] / teacher["throughput_b16"]
+    both = measure_encoders({"teacher": t_runner, "student": s_runner})   # timings interleaved
 
 The Lee files (``gensim/test/test_data``):
 
@@ -30,8 +31,8 @@ import numpy as np
 from pydantic import Field
 
 from tasks.config import _Frozen
-from tasks.encoder_common import (INPUT_NAMES, batch_arrays, encoder_tokenizer, onnx_files, read_meta,
-                                  require_encoder)
+from tasks.encoder_common import (EARLY_EXIT_FORMAT, INPUT_NAMES, batch_arrays, encoder_tokenizer, onnx_files,
+                                  read_meta, require_encoder)
 from tasks.errors import ConfigError, SourceError
 
 LEE_DIR = "gensim/test/test_data"
@@ -218,7 +219,7 @@ class OrtEncoderRunner:
     def _load(self, threads: int):
         from tasks.encoder_runtime import OnnxEarlyExitEncoder, load_encoder
 
-        if self.meta["format"] != "trimflow-encoder/1" and self._threshold is not None:
+        if self.meta["format"] == EARLY_EXIT_FORMAT and self._threshold is not None:
             return OnnxEarlyExitEncoder(self.folder, threads=threads, threshold=self._threshold)
         return load_encoder(self.folder, threads=threads)
 
@@ -280,11 +281,26 @@ def measure_encoder(runner: EncoderRunner, cfg: EncoderEvalConfig = EncoderEvalC
 
     Returns:
         ``runtime``, ``threads``, ``quality`` (Spearman on Lee), ``size_bytes``, ``latency_ms_p50_b1``,
-        ``latency_ms_p95_b1``, ``throughput_b16`` (items/s at ``cfg.batch_size``), ``timed_items``,
-        ``tokens_mean``, ``avg_layers`` (early-exit runtimes only, else None), ``seconds``.
+        ``latency_ms_p95_b1``, ``throughput_b16`` (items/s at ``cfg.batch_size``), ``batch_size``,
+        ``timed_items``, ``tokens_mean``, ``avg_layers`` (early-exit runtimes only, else None), ``seconds``.
 
     Raises:
         ConfigError: fewer timing texts than one batch.
+    """
+    return measure_encoders({"runner": runner}, cfg, corpus, timing_texts)["runner"]
+
+
+def measure_encoders(runners: dict[str, EncoderRunner], cfg: EncoderEvalConfig = EncoderEvalConfig(),
+                     corpus: LeeCorpus | None = None, timing_texts: Sequence[str] | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """``measure_encoder`` for several runtimes at once, with their timings interleaved.
+
+    Every latency item and every throughput pass runs each runner in turn (the order rotating),
+    so load that comes and goes on a shared machine hits all of them alike and the ratios between
+    them stay meaningful even when the absolute numbers drift.
+
+    Returns:
+        One ``measure_encoder`` result per key of ``runners``; ``seconds`` is the whole measurement's.
     """
     started = time.time()
     corpus = corpus or lee_corpus()
@@ -292,44 +308,52 @@ def measure_encoder(runner: EncoderRunner, cfg: EncoderEvalConfig = EncoderEvalC
     n_batches = len(texts) // cfg.batch_size
     if n_batches == 0:
         raise ConfigError("timing_texts", len(texts), f"fewer than one batch of {cfg.batch_size}")
-    runner.use_threads(cfg.threads)
+    names = list(runners)
+    quality, layers, singles, batches = {}, {}, {}, {}
+    for name in names:
+        r = runners[name]
+        r.use_threads(cfg.threads)
+        quality[name] = lee_spearman(embed_texts(r, corpus.documents, cfg.batch_size), corpus)
+        layers[name] = _layers_used(r, corpus.documents, cfg.batch_size)
+        singles[name] = [batch_arrays(r.tokenizer, [t]) for t in texts[: cfg.latency_items]]
+        batches[name] = [batch_arrays(r.tokenizer, texts[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+                         for i in range(n_batches)]
+        r.embed_arrays(singles[name][0])  # warm-up: first-call allocations and lazy init
+        for feed in batches[name]:  # and every batch shape once
+            r.embed_arrays(feed)
 
-    emb = embed_texts(runner, corpus.documents, cfg.batch_size)
-    quality = lee_spearman(emb, corpus)
-    layers = _layers_used(runner, corpus.documents, cfg.batch_size)
+    def rotated(k: int) -> list[str]:
+        k %= len(names)
+        return names[k:] + names[:k]
 
-    singles = [batch_arrays(runner.tokenizer, [t]) for t in texts[: cfg.latency_items]]
-    runner.embed_arrays(singles[0])  # warm-up: first-call allocations and lazy init
-    latency = []
-    for feed in singles:
-        t0 = time.perf_counter()
-        runner.embed_arrays(feed)
-        latency.append(time.perf_counter() - t0)
-
-    batches = [batch_arrays(runner.tokenizer, texts[i * cfg.batch_size:(i + 1) * cfg.batch_size])
-               for i in range(n_batches)]
-    for feed in batches:  # warm-up pass: shapes seen once before timing
-        runner.embed_arrays(feed)
-    passes = []
-    for _ in range(cfg.repeats):
-        t0 = time.perf_counter()
-        for feed in batches:
-            runner.embed_arrays(feed)
-        passes.append(n_batches * cfg.batch_size / (time.perf_counter() - t0))
-    return {
-        "runtime": getattr(runner, "name", type(runner).__name__),
+    latency: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(len(singles[names[0]])):
+        for name in rotated(i):
+            t0 = time.perf_counter()
+            runners[name].embed_arrays(singles[name][i])
+            latency[name].append(time.perf_counter() - t0)
+    passes: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(cfg.repeats):
+        for name in rotated(rep):
+            t0 = time.perf_counter()
+            for feed in batches[name]:
+                runners[name].embed_arrays(feed)
+            passes[name].append(n_batches * cfg.batch_size / (time.perf_counter() - t0))
+    seconds = round(time.time() - started, 2)
+    return {name: {
+        "runtime": getattr(runners[name], "name", type(runners[name]).__name__),
         "threads": cfg.threads,
-        "quality": round(quality, 4),
-        "size_bytes": int(runner.size_bytes()),
-        "latency_ms_p50_b1": round(float(np.percentile(latency, 50)) * 1000, 3),
-        "latency_ms_p95_b1": round(float(np.percentile(latency, 95)) * 1000, 3),
-        "throughput_b16": round(float(np.median(passes)), 2),
+        "quality": round(quality[name], 4),
+        "size_bytes": int(runners[name].size_bytes()),
+        "latency_ms_p50_b1": round(float(np.percentile(latency[name], 50)) * 1000, 3),
+        "latency_ms_p95_b1": round(float(np.percentile(latency[name], 95)) * 1000, 3),
+        "throughput_b16": round(float(np.median(passes[name])), 2),
         "batch_size": cfg.batch_size,
         "timed_items": n_batches * cfg.batch_size,
-        "tokens_mean": round(float(np.mean([int(f["attention_mask"].sum()) for f in singles])), 1),
-        "avg_layers": layers,
-        "seconds": round(time.time() - started, 2),
-    }
+        "tokens_mean": round(float(np.mean([int(f["attention_mask"].sum()) for f in singles[name]])), 1),
+        "avg_layers": layers[name],
+        "seconds": seconds,
+    } for name in names}
 
 
 def _layers_used(runner: Any, texts: Sequence[str], batch_size: int) -> float | None:

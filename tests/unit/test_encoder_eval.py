@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.encoder_eval import (EncoderEvalConfig, LeeCorpus, OrtEncoderRunner, TorchEncoderRunner, embed_texts,
-                                lee_corpus, lee_spearman, measure_encoder, read_lee, spearman)
+                                lee_corpus, lee_spearman, measure_encoder, measure_encoders, read_lee, spearman)
 from tasks.encoder_export import EncoderExportConfig, export_encoder
 from tasks.errors import ConfigError, SourceError, UnsupportedModelError
 from tests.tiny import CORPUS, make_tiny_encoder, make_tiny_llm
@@ -114,6 +114,26 @@ def test_measure_encoder_reports_quality_size_and_speed_when_run_on_tiny_models(
         assert m["avg_layers"] is None
     assert t["quality"] == pytest.approx(o["quality"], abs=1e-3)  # same model, two runtimes
     assert -1.0 <= t["quality"] <= 1.0
+
+
+def test_measure_encoders_interleaves_timed_calls_when_measuring_several_runners(tiny_onnx, tmp_path):
+    corpus = read_lee(*_write_lee(tmp_path, DOCS, _ratings(len(DOCS))))
+    calls: list[str] = []
+    runners = {}
+    for name in ("a", "b"):
+        r = OrtEncoderRunner(tiny_onnx, threads=1)
+        real = r.embed_arrays
+        r.embed_arrays = lambda feed, real=real, name=name: calls.append(name) or real(feed)
+        runners[name] = r
+    cfg = EncoderEvalConfig(threads=1, batch_size=2, latency_items=4, repeats=2)
+    out = measure_encoders(runners, cfg, corpus)
+    assert set(out) == {"a", "b"} and out["a"]["quality"] == out["b"]["quality"]
+    # The timed part (after both runners' quality and warm-up calls) alternates between runners.
+    n_batches = len(DOCS) // 2
+    timed = calls[-(2 * cfg.latency_items + 2 * cfg.repeats * n_batches):]
+    latency = timed[: 2 * cfg.latency_items]
+    assert all(latency[i] != latency[i + 1] for i in range(0, len(latency), 2))
+    assert timed.count("a") == timed.count("b")
 
 
 def test_measure_encoder_raises_config_error_when_timing_texts_are_fewer_than_a_batch(tiny_onnx, tmp_path):
