@@ -89,8 +89,16 @@ def _download_registered(uri: str, cache_dir: Path) -> Path:
     except Exception as e:  # mlflow raises several unrelated types for "not found"
         shutil.rmtree(dest, ignore_errors=True)
         raise SourceError(f"cannot download {uri}: {e}") from e
-    # trimflow registers the PyTorch form under hf/ beside the serving form.
-    for candidate in (local / "artifacts" / "hf", local / "hf", local):
+    # trimflow registers the PyTorch form as pyfunc artifact "hf"; MLmodel says where it landed.
+    candidates = [local]
+    if (local / "MLmodel").is_file():
+        import yaml
+
+        flavor = (yaml.safe_load((local / "MLmodel").read_text()).get("flavors") or {}).get("python_function", {})
+        hf = (flavor.get("artifacts") or {}).get("hf", {}).get("path")
+        if hf:
+            candidates.insert(0, local / hf)
+    for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
     raise SourceError(f"{uri} holds no Hugging Face folder (no config.json under {local})")
