@@ -52,16 +52,18 @@ class OnnxEncoder:
         threads: onnxruntime intra-op threads (default 0 = onnxruntime decides).
         onnx_file: overrides the file named in the metadata (default None).
         providers: execution providers (default CPU).
+        spin: let idle onnxruntime threads busy-wait for the next call (default True; on oversubscribed
+            cores False was faster: MiniLM fp32 at batch 16, 4.6 vs 3.9 items/s at load average 8 on 2 cores).
     """
 
     def __init__(self, folder: str | Path, threads: int = 0, onnx_file: str | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+                 providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = True) -> None:
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         if self.meta["format"] == EARLY_EXIT_FORMAT:
             raise SourceError(f"{folder} is an early-exit export; use OnnxEarlyExitEncoder or load_encoder()")
         self.onnx_file = onnx_file or self.meta["onnx_file"]
-        self.session = ort_session(self.folder / self.onnx_file, threads, providers)
+        self.session = ort_session(self.folder / self.onnx_file, threads, providers, spin)
         self.tokenizer = encoder_tokenizer(self.folder)
         self.dim = int(self.meta["embedding_dim"])
 

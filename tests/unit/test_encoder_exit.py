@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tasks.encoder_common import ENCODER_META, batch_arrays
-from tasks.encoder_exit import (NEVER_EXIT, EncoderEarlyExitConfig, calibrate, check_exit_layers, early_exit_encoder,
+from tasks.encoder_exit import (NEVER_EXIT, RESULT_FILE, EncoderEarlyExitConfig, calibrate, check_exit_layers, early_exit_encoder,
                                 fit_heads, head_embeddings, simulate_exits)
 from tasks.encoder_runtime import OnnxEarlyExitEncoder, load_encoder
 from tasks.errors import ConfigError
@@ -65,6 +65,8 @@ def test_early_exit_encoder_writes_segments_and_metadata_when_run(exported):
     assert r["parity_max_abs_diff"] <= CFG.atol
     assert 2 <= r["avg_layers"] <= 4 and r["speedup_b16"] > 0
     assert isinstance(load_encoder(out), OnnxEarlyExitEncoder)
+    saved = json.loads((out / RESULT_FILE).read_text())
+    assert EncoderEarlyExitConfig.model_validate(saved["config"]) == CFG
 
 
 @pytest.mark.parametrize("quantile", [0.2, 0.5, 0.8])
