@@ -30,7 +30,6 @@ def test_cli_run_publishes_every_step_and_reuses_them_when_rerun_with_same_run_i
     assert set(report["steps"]) == {"ingest", "data", "baseline", "00-distill", "01-prune_mlp", "02-export_onnx",
                                     "03-quantize_dynamic_int8", "evaluate"}
     assert report["steps"]["01-prune_mlp"]["params_after"] < report["steps"]["01-prune_mlp"]["params_before"]
-    assert report["student"]["size_bytes"] < report["teacher"]["size_bytes"]
     store = store_from_settings()
     assert store.exists("cli-1/steps/03-quantize_dynamic_int8")
 
