@@ -51,9 +51,10 @@ class EncoderEarlyExitConfig(_Frozen):
         exit_layers: 1-based layers after which an item may leave (default None: every layer from the
             second to the one before last).
         target_rank_fidelity: least Spearman correlation between the pairwise cosine similarities of
-            early-exit and full-depth embeddings of the held-out paragraphs (default 0.95; on
-            all-MiniLM-L6-v2 no item can exit at 0.98, because its last layer turns the pooled state
-            round: raw cosine 0.29 between layers 5 and 6, 0.70 after the best linear head).
+            early-exit and full-depth embeddings of the held-out paragraphs (default 0.95). On
+            all-MiniLM-L6-v2 few items can exit at all, because its last layer turns the pooled state
+            round (raw cosine 0.29 between layers 5 and 6, 0.70 after the best linear head): 5.9 of 6
+            layers on average at 0.98, 5.7 at 0.95, 4.9 at 0.88.
         fit_items: training paragraphs used to fit the exit heads (default 512).
         calib_items: held-out paragraphs used to calibrate the threshold (default 128).
         ridge: ridge penalty of the heads, relative to the mean feature variance (default None: the
