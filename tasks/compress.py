@@ -626,16 +626,21 @@ def lowrank(cfg: LowRankConfig, model_dir: Path, out_dir: Path, calib_texts: Seq
 def kmeans_1d(values, clusters: int, iterations: int, sample: int = 1 << 20):
     """1-D k-means of a tensor's values: ``(codebook [k] float32, labels int64 like values)``.
 
-    Started from evenly spaced quantiles (of a fixed random sample for big tensors); each Lloyd
-    step assigns by the midpoints between sorted centroids, which is exact in one dimension.
+    Half the centroids start evenly spaced over [min, max], half at evenly spaced quantiles (of a
+    fixed random sample for big tensors). Quantiles alone put every centroid in the bulk and Lloyd
+    steps never reach the few large weights, which matter most (SmolLM2-135M, 256 clusters: a 9.25
+    weight came back as 1.1 and perplexity went 31 -> 20,000; with the mixed start the largest error
+    is ~0.1). Each Lloyd step assigns by the midpoints between sorted centroids, exact in 1-D.
     """
     import torch
 
     flat = values.detach().reshape(-1).float()
     g = torch.Generator().manual_seed(0)
     probe = flat if flat.numel() <= sample else flat[torch.randint(0, flat.numel(), (sample,), generator=g)]
-    q = torch.linspace(0, 1, clusters + 2, dtype=torch.float64)[1:-1]
-    centers = torch.quantile(probe.double(), q).float()
+    n_lin = clusters // 2
+    q = torch.linspace(0, 1, clusters - n_lin + 2, dtype=torch.float64)[1:-1]
+    centers = torch.cat([torch.linspace(float(flat.min()), float(flat.max()), n_lin),
+                         torch.quantile(probe.double(), q).float()])
     for _ in range(iterations):
         centers, _ = torch.sort(centers)
         labels = torch.bucketize(flat, (centers[1:] + centers[:-1]) / 2)

@@ -15,6 +15,7 @@ then exported as segments of layers with their own KV caches, plus one embedding
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "trimflow_early_exit_result.json"
 HEADS_FILE = "exit_heads.safetensors"
+KV_STATE = "skipped layers computed for pending positions when a later token reaches them"
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                 "generation_config.json", "config.json")
 
@@ -45,12 +47,15 @@ class EarlyExitConfig(_Frozen):
         exit_layers: exits to use, each after that many decoder layers (1 ≤ e < layers); empty picks
             them from the candidates below with the cost model (default empty).
         min_depth: auto candidates start at this fraction of the depth (default 0.5: on SmolLM2-135M
-            even with adapters, exits before the middle agree with the full model on few tokens).
+            with adapters, an exit's next token equals the full model's on 0.27 of tokens after layer
+            12, 0.29 after 15, 0.40 after 21, 0.53 after 25, 0.70 after 29).
         candidate_every: spacing of auto candidates in layers (default 2).
         max_exits: most exits the cost model may pick (default 3).
         measure: confidence of an exit: ``softmax`` (max probability), ``margin`` (top-1 minus top-2
-            probability) or ``classifier`` (the exit's probe; needs no vocabulary-wide head at a
-            failed check, which is what makes checks cheap) (default classifier).
+            probability) or ``classifier`` (the exit's probe) (default classifier). A softmax or
+            margin check runs the vocabulary head, worth 8 decoder layers of weights on SmolLM2-135M,
+            at every exit a token passes, so in the cost model they never beat the full model there
+            (x0.93 at target 0.9); the probe costs a dot product and only the exit taken runs the head.
         adapters: fit a residual linear adapter per exit; without, exits read the raw hidden state
             through the final norm and head (the "logit lens") (default True).
         adapter_steps: KD steps refining the chosen exits' adapters against the final logits after the
@@ -69,6 +74,8 @@ class EarlyExitConfig(_Frozen):
             and layers used are measured (defaults 4 / 256; 0 windows skips).
         speed_prompts / speed_tokens: batch-1 generations timed with and without exits on the
             exported runtime (defaults 2 / 24; 0 prompts skips).
+        min_speedup: measured (else cost-model) speedup below which the result says the exits do not
+            pay; smaller gains are within the noise of a shared machine (default 1.05).
         opset: ONNX opset (default 17).
         atol: largest allowed |logit difference| between the segmented export and PyTorch (default 1e-2).
     """
@@ -91,6 +98,7 @@ class EarlyExitConfig(_Frozen):
     eval_len: int = Field(256, ge=16)
     speed_prompts: int = Field(2, ge=0)
     speed_tokens: int = Field(24, ge=2)
+    min_speedup: float = Field(1.05, gt=0)
     opset: int = Field(17, ge=14)
     atol: float = Field(1e-2, gt=0)
 
@@ -414,7 +422,7 @@ def export_segments(model, exits_at: Sequence[int], heads: dict[int, Any], out_d
     bounds = [0] + list(exits_at) + [n_layers]
     g = torch.Generator().manual_seed(0)
     segments = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         is_exit = b < n_layers
         mod = _segment_module(model, a, b, heads[b] if is_exit else None)
         n = b - a
@@ -563,6 +571,92 @@ def speed_exported(out_dir: Path, prompts: Sequence[Sequence[int]], new_tokens: 
             "prompts": len(prompts), "repeats": repeats, "threads": threads}
 
 
+def fit_exits(cfg: EarlyExitConfig, model, candidates: Sequence[int], fit_w: np.ndarray,
+              cal_w: np.ndarray) -> dict[str, Any]:
+    """Fit every candidate's head, choose exits and the threshold; optionally refine the chosen adapters.
+
+    Returns:
+        ``heads`` (exit layer -> ``ExitHead``), ``choice`` (``select_exits``), ``costs``, ``per_exit``
+        (each candidate's agreement and mean confidence on calibration text), ``kd`` (None or the
+        ``train_adapters`` summary).
+    """
+    import torch
+
+    from tasks.modelio import count_parameters
+
+    n_layers = len(model.model.layers)
+    hidden = model.config.hidden_size
+    exit_head = _exit_head_class()
+    heads = {e: exit_head(hidden, cfg.adapters).eval() for e in candidates}
+    fit_h, fit_top, _ = collect_states(model, fit_w, candidates)
+    cal_h, cal_top, _ = collect_states(model, cal_w, candidates)
+
+    def refit(exits_: Sequence[int]) -> dict[int, dict[str, Any]]:
+        out = {}
+        for e in exits_:
+            if cfg.measure == "classifier":
+                fs = exit_statistics(model, heads[e], fit_h[e], fit_top)
+                fit_probe(heads[e], fs["normed"], fs["agree"])
+            cs = exit_statistics(model, heads[e], cal_h[e], cal_top)
+            conf = probe_scores(heads[e], cs["normed"]) if cfg.measure == "classifier" else cs[cfg.measure]
+            out[e] = {"agree": cs["agree"], "conf": conf}
+        return out
+
+    if cfg.adapters:
+        for e in candidates:
+            w, b = fit_adapter(fit_h[e], fit_h[n_layers])
+            with torch.no_grad():
+                heads[e].adapter.weight.copy_(w)
+                heads[e].adapter.bias.copy_(b)
+    stats = refit(candidates)
+    layer_params = float(np.mean([count_parameters(layer) for layer in model.model.layers]))
+    costs = cost_model(n_layers, layer_params, float(model.lm_head.in_features * model.lm_head.out_features),
+                       hidden, cfg.measure, cfg.head_cost)
+    choice = select_exits(stats, candidates, costs, cfg.measure, n_layers, cfg.target_agreement, cfg.max_exits,
+                          fixed=bool(cfg.exit_layers))
+    kd = None
+    if cfg.adapters and cfg.adapter_steps:
+        kd = train_adapters(model, {e: heads[e] for e in choice["exits"]}, fit_w, cfg)
+        stats.update(refit(choice["exits"]))
+        choice = select_exits(stats, choice["exits"], costs, cfg.measure, n_layers, cfg.target_agreement,
+                              cfg.max_exits, fixed=True)
+    per_exit = {str(e): {"agreement": round(float(stats[e]["agree"].mean()), 4),
+                         "mean_confidence": round(float(np.mean(stats[e]["conf"])), 4)} for e in candidates}
+    return {"heads": heads, "choice": choice, "costs": costs, "per_exit": per_exit, "kd": kd}
+
+
+def _fit_and_export(cfg: EarlyExitConfig, model_dir: Path, out_dir: Path, candidates: Sequence[int],
+                    fit_w: np.ndarray, cal_w: np.ndarray) -> dict[str, Any]:
+    """The PyTorch part of ``early_exit``: fit, choose, export, check parity (the model is freed on return)."""
+    from safetensors.torch import save_file
+
+    from tasks.export import model_meta
+    from tasks.modelio import onnx_export_options
+
+    model = load_causal_lm(model_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fitted = fit_exits(cfg, model, candidates, fit_w, cal_w)
+    heads, choice = fitted["heads"], fitted["choice"]
+    chosen = choice["exits"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    segments = export_segments(model, chosen, heads, out_dir, cfg.opset, onnx_export_options(model_dir))
+    export_seconds = time.time() - t0
+    meta = model_meta(model.config, getattr(model, "generation_config", None))
+    meta = {k: v for k, v in meta.items() if k not in ("format", "onnx_file")}
+    meta |= {"format": "trimflow-early-exit/1", "hidden_size": model.config.hidden_size, "head_file": "head.onnx",
+             "segments": segments, "measure": cfg.measure, "threshold": choice["threshold"], "kv_state": KV_STATE}
+    for name in COPIED_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    save_file({f"exit_{e}.{k}": v.contiguous() for e in chosen for k, v in heads[e].state_dict().items()},
+              str(out_dir / HEADS_FILE))
+    (out_dir / "trimflow_early_exit.json").write_text(json.dumps(meta, indent=2))
+    parity = check_parity(model, heads, out_dir, cfg.atol)
+    return fitted | {"parity": parity, "export_seconds": export_seconds}
+
+
 # -- the step ------------------------------------------------------------------------------------
 def early_exit(cfg: EarlyExitConfig, model_dir: Path, out_dir: Path, train_texts: Sequence[str],
                calib_texts: Sequence[str], eval_texts: Sequence[str] | None = None) -> dict[str, Any]:
@@ -591,10 +685,6 @@ def early_exit(cfg: EarlyExitConfig, model_dir: Path, out_dir: Path, train_texts
         ConfigError: bad exits, or texts too short for one window.
         ExportMismatch: the segmented export disagrees with PyTorch beyond ``cfg.atol``.
     """
-    import torch
-
-    from tasks.modelio import count_parameters, onnx_export_options
-
     started = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     conf_json = require_causal_lm(model_dir, "early exit")
@@ -604,70 +694,9 @@ def early_exit(cfg: EarlyExitConfig, model_dir: Path, out_dir: Path, train_texts
     cal_w = _windows(model_dir, calib_texts, cfg.calib_tokens, cfg.seq_len, "calib_texts")
     threads = available_cores()
     with torch_threads(threads):
-        model = load_causal_lm(model_dir)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        hidden = model.config.hidden_size
-        ExitHead = _exit_head_class()
-        heads = {e: ExitHead(hidden, cfg.adapters).eval() for e in candidates}
-        fit_h, fit_top, _ = collect_states(model, fit_w, candidates)
-        cal_h, cal_top, _ = collect_states(model, cal_w, candidates)
-
-        def refit(exits_: Sequence[int]) -> dict[int, dict[str, Any]]:
-            out = {}
-            for e in exits_:
-                if cfg.measure == "classifier":
-                    fs = exit_statistics(model, heads[e], fit_h[e], fit_top)
-                    fit_probe(heads[e], fs["normed"], fs["agree"])
-                cs = exit_statistics(model, heads[e], cal_h[e], cal_top)
-                conf = probe_scores(heads[e], cs["normed"]) if cfg.measure == "classifier" else cs[cfg.measure]
-                out[e] = {"agree": cs["agree"], "conf": conf}
-            return out
-
-        if cfg.adapters:
-            for e in candidates:
-                w, b = fit_adapter(fit_h[e], fit_h[n_layers])
-                with torch.no_grad():
-                    heads[e].adapter.weight.copy_(w)
-                    heads[e].adapter.bias.copy_(b)
-        stats = refit(candidates)
-        layer_params = float(np.mean([count_parameters(layer) for layer in model.model.layers]))
-        costs = cost_model(n_layers, layer_params, float(model.lm_head.in_features * model.lm_head.out_features),
-                           hidden, cfg.measure, cfg.head_cost)
-        choice = select_exits(stats, candidates, costs, cfg.measure, n_layers, cfg.target_agreement, cfg.max_exits,
-                              fixed=bool(cfg.exit_layers))
-        kd = None
-        if cfg.adapters and cfg.adapter_steps:
-            kd = train_adapters(model, {e: heads[e] for e in choice["exits"]}, fit_w, cfg)
-            stats.update(refit(choice["exits"]))
-            choice = select_exits(stats, choice["exits"], costs, cfg.measure, n_layers, cfg.target_agreement,
-                                  cfg.max_exits, fixed=True)
-        per_exit = {str(e): {"agreement": round(float(stats[e]["agree"].mean()), 4),
-                             "mean_confidence": round(float(np.mean(stats[e]["conf"])), 4)} for e in candidates}
-        chosen = choice["exits"]
-        del fit_h, cal_h
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        segments = export_segments(model, chosen, heads, out_dir, cfg.opset, onnx_export_options(model_dir))
-        export_seconds = time.time() - t0
-        from tasks.export import model_meta
-
-        meta = model_meta(model.config, getattr(model, "generation_config", None))
-        meta = {k: v for k, v in meta.items() if k not in ("format", "onnx_file")}
-        meta |= {"format": "trimflow-early-exit/1", "hidden_size": hidden, "head_file": "head.onnx",
-                 "segments": segments, "measure": cfg.measure, "threshold": choice["threshold"],
-                 "kv_state": "skipped layers computed for pending positions when a later token reaches them"}
-        for name in COPIED_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, out_dir / name)
-        from safetensors.torch import save_file
-
-        save_file({f"exit_{e}.{k}": v.contiguous() for e in chosen for k, v in heads[e].state_dict().items()},
-                  str(out_dir / HEADS_FILE))
-        (out_dir / "trimflow_early_exit.json").write_text(json.dumps(meta, indent=2))
-        parity = check_parity(model, heads, out_dir, cfg.atol)
-        del model
+        built = _fit_and_export(cfg, model_dir, out_dir, candidates, fit_w, cal_w)  # frees the torch model
+    choice, costs = built["choice"], built["costs"]
+    chosen = choice["exits"]
 
     evaluation = speed = None
     if cfg.eval_windows and eval_texts:
@@ -679,11 +708,13 @@ def early_exit(cfg: EarlyExitConfig, model_dir: Path, out_dir: Path, train_texts
         prompts = [token_stream(model_dir, [t], 48) for t in list(eval_texts)[: cfg.speed_prompts]]
         speed = speed_exported(out_dir, [p for p in prompts if p], cfg.speed_tokens, threads)
     expected = costs["full"] / choice["cost"]
-    pays = speed["speedup"] > 1.0 if speed else expected > 1.0
+    pays = (speed["speedup"] if speed else expected) >= cfg.min_speedup
     verdict = (f"exits after layers {chosen} of {n_layers} ({cfg.measure}, threshold {choice['threshold']:.4g}): "
                f"calibration agreement {choice['agreement']:.3f} at {choice['mean_layers']:.1f} mean layers, cost model "
                f"x{expected:.2f}" + (f"; measured batch-1 decode x{speed['speedup']:.2f}" if speed else "")
-               + ("" if pays else " - does not pay on this machine"))
+               + (f"; held-out perplexity {evaluation['perplexity_full']:.4g} -> "
+                  f"{evaluation['perplexity_early_exit']:.4g}" if evaluation else "")
+               + ("" if pays else f" - below x{cfg.min_speedup}: does not pay on this machine"))
     size = sum(p.stat().st_size for p in out_dir.glob("*.onnx"))
     result = {
         "exits": chosen,
@@ -695,14 +726,14 @@ def early_exit(cfg: EarlyExitConfig, model_dir: Path, out_dir: Path, train_texts
                         "expected_cost_layers": round(choice["cost"], 3), "expected_speedup": round(expected, 3),
                         "target_agreement": cfg.target_agreement},
         "costs": {k: round(v, 4) for k, v in costs.items()},
-        "per_exit": per_exit,
-        "kd": kd,
-        "parity": parity,
+        "per_exit": built["per_exit"],
+        "kd": built["kd"],
+        "parity": built["parity"],
         "eval": evaluation,
         "speed": speed,
         "size_bytes": size,
-        "export_seconds": round(export_seconds, 2),
-        "kv_state": meta["kv_state"],
+        "export_seconds": round(built["export_seconds"], 2),
+        "kv_state": KV_STATE,
         "pays": bool(pays),
         "verdict": verdict,
         "seconds": round(time.time() - started, 2),
