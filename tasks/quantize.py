@@ -87,7 +87,10 @@ class StaticInt8Config(SensitivityFields):
     Args:
         calibrate_method: how activation ranges are set from the calibration windows: ``minmax``,
             ``entropy`` (KL-optimal threshold over a 2048-bin histogram) or ``percentile`` (default
-            minmax). Ranges are computed once and reused when the sensitivity pass re-quantizes.
+            percentile). Ranges are computed once and reused when the sensitivity pass re-quantizes.
+            SmolLM2-135M, 2048 calibration tokens, 512 probe tokens: percentile +14.0% probe
+            perplexity (0.73 top-1 agreement), minmax +16.0% (0.75), entropy +1876% (0.21: it clips
+            the large activations the model relies on, and its threshold search took 17 min).
         percentile: the percentile kept by ``percentile`` calibration (default 99.999).
         calib_windows / calib_len: calibration windows and tokens per window, cut from the
             calibration split after the probe windows (defaults 16 / 128).
@@ -103,7 +106,7 @@ class StaticInt8Config(SensitivityFields):
         probe_windows / probe_len: probe windows for the outlier scan and the check (defaults 8 / 64).
     """
 
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "percentile"
     percentile: float = Field(99.999, gt=50, le=100)
     calib_windows: int = Field(16, ge=1)
     calib_len: int = Field(128, ge=2)
@@ -841,21 +844,20 @@ _ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
 
 
 def _calibrate(model_path: Path, windows: np.ndarray, empty_past: Sequence[np.ndarray], method, percentile: float,
-               work: Path) -> Path:
-    """Activation ranges of every MatMul tensor over the calibration windows, saved as ORT's calibration cache."""
+               path: Path) -> None:
+    """Activation ranges of every MatMul tensor over the calibration windows, saved at ``path`` as ORT's
+    calibration cache (``quantize_static(calibration_cache_path=...)`` reads it back)."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     extra = {CalibrationMethod.Entropy: dict(_ENTROPY_BINS),
              CalibrationMethod.Percentile: {"num_bins": 2048, "percentile": percentile}}.get(method, {})
-    calibrator = create_calibrator(model_path, ["MatMul"], augmented_model_path=str(work / "augmented.onnx"),
+    calibrator = create_calibrator(model_path, ["MatMul"], augmented_model_path=str(path.with_name("augmented.onnx")),
                                    calibrate_method=method,
                                    use_external_data_format=model_path.stat().st_size > _EXTERNAL_DATA_BYTES,
                                    extra_options=extra)
     calibrator.collect_data(_calibration_reader(windows, empty_past))
-    path = work / "ranges.json"
     save_tensors_data(calibrator.compute_data(), path)
-    return path
 
 
 def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
@@ -915,9 +917,7 @@ def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
     seconds = {"quantize": 0.0}
 
     work = Path(tempfile.mkdtemp(prefix="trimflow-calib-"))
-    t0 = time.time()
-    ranges = _calibrate(src.path, calib, ref.empty_past(1), method, cfg.percentile, work)
-    calibrate_seconds = time.time() - t0
+    ranges = work / "ranges.json"
 
     def quantize(excluded: set[str]) -> list[str]:
         t0 = time.time()
@@ -936,6 +936,9 @@ def quantize_static_int8(cfg: StaticInt8Config, onnx_dir: Path, out_dir: Path,
 
     table: dict[str, Any] = {}
     try:
+        t0 = time.time()
+        _calibrate(src.path, calib, ref.empty_past(1), method, cfg.percentile, ranges)
+        calibrate_seconds = time.time() - t0
         sens = _with_sensitivity(cfg, quantize, src.path, dst, windows, ref, threads, set(outliers))
         if sens is None:
             quantize(set(outliers))

@@ -53,7 +53,8 @@ def test_quantize_static_writes_a_qdq_graph_that_generates_when_calibrated_on_wi
 
 
 def test_quantize_static_narrows_activation_ranges_when_calibration_is_percentile(exported, tmp_path):
-    quantize_static_int8(StaticInt8Config(**SMALL), exported, tmp_path / "minmax", calib_texts=CALIB)
+    quantize_static_int8(StaticInt8Config(**SMALL, calibrate_method="minmax"), exported, tmp_path / "minmax",
+                         calib_texts=CALIB)
     pct_result = quantize_static_int8(StaticInt8Config(**SMALL, calibrate_method="percentile", percentile=99.0,
                                                        quantize_embeddings=False),
                                       exported, tmp_path / "pct", calib_texts=CALIB)
