@@ -48,8 +48,12 @@ class AirflowStack:
         self._token: str | None = None
 
     def start(self, timeout: float = 180.0) -> "AirflowStack":
-        subprocess.run([airflow_bin(), "db", "migrate"], env=self.env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        done = subprocess.run([airflow_bin(), "db", "migrate"], env=self.env, capture_output=True, text=True)
+        if done.returncode:
+            # The migration's own message (a locked database, a refused connection) is what explains it.
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-40:])
+            raise RuntimeError(f"airflow db migrate failed (exit {done.returncode}) for "
+                               f"{self.env.get('AIRFLOW__DATABASE__SQL_ALCHEMY_CONN')}:\n{tail}")
         logs = self.home / "logs"
         api = ManagedProcess("airflow api-server", [airflow_bin(), "api-server", "--host", "127.0.0.1", "--port",
                                                      str(self.port)], logs / "api-server.log",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -149,6 +150,10 @@ def test_continuous_model_fails_only_bad_request_when_sent_with_good_ones(model,
 
 
 def test_continuous_model_frees_row_for_next_request_when_client_cancels(model) -> None:
+    # Each decode step takes 20 ms, so the 100-token request is still running (about 2 s) when the
+    # second one arrives; otherwise a fast script LM can finish it inside one poll on an idle machine.
+    forward = model.batcher.lm.forward
+    model.batcher.lm.forward = lambda *a: (time.sleep(0.02), forward(*a))[1]
     long, nxt = _Request("x", max_tokens=(100, np.int32), ignore_eos=(True, np.bool_)), _Request("xx")
     model.execute([long])
     model.execute([nxt])
