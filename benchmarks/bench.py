@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_llm
 
         report["llm"] = bench_llm.run(quick=quick, recipes=args.recipes)
+        gpu = _gpu_runs(Path(__file__).with_name("measured"))
+        if gpu:  # measured on a GPU machine by benchmarks/gpu_distill.py: kept apart from this run's ratios
+            report["llm"]["gpu_full_profile"] = gpu
         print("\nLLM (SmolLM2-135M-Instruct)\n" + bench_llm.table(report["llm"]))
         _write(args.out, report)
     if args.only in (None, "encoder"):
@@ -54,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     _write(args.out, report)
     print(f"\nwrote {args.out}")
     return 0
+
+
+def _gpu_runs(folder: Path) -> dict:
+    """The committed reports of ``benchmarks.gpu_distill`` runs (``measured/gpu_distill*.json``)."""
+    return {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("gpu_distill*.json"))}
 
 
 def _write(path: Path, report: dict) -> None:

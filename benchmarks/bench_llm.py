@@ -164,16 +164,24 @@ def run_recipe(recipe_path: Path, run_id: str, model: dict, data: dict) -> dict[
     return chain
 
 
-def distill_tokens(store, chain: dict[str, Any]) -> int:
-    """Tokens the recipe's distillation steps trained on (0 when it has none)."""
+def _step_results(store, chain: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     from tasks.steps import RESULT, step_dir
 
+    return [(st["technique"], json.loads((step_dir(store, st["uri"]) / RESULT).read_text()))
+            for st in chain.get("steps", [])]
+
+
+def distill_tokens(store, chain: dict[str, Any]) -> int:
+    """Tokens the recipe's distillation steps trained on, recovery runs of pruning included (0 when none)."""
     total = 0
-    for st in chain.get("steps", []):
-        if "distill" in st["technique"]:
-            res = json.loads((step_dir(store, st["uri"]) / RESULT).read_text())
-            total += int(res.get("tokens_seen", 0))
+    for technique, res in _step_results(store, chain):
+        total += int(res.get("tokens_seen", 0)) + int((res.get("recovery") or {}).get("tokens_seen", 0))
     return total
+
+
+def step_verdicts(store, chain: dict[str, Any]) -> dict[str, str]:
+    """Each step's own verdict on whether it pays (techniques that measure their effect write one)."""
+    return {technique: res["verdict"] for technique, res in _step_results(store, chain) if res.get("verdict")}
 
 
 def run(quick: bool = True, recipes: Sequence[str] | None = None) -> dict[str, Any]:
@@ -219,7 +227,7 @@ def run(quick: bool = True, recipes: Sequence[str] | None = None) -> dict[str, A
         entry = measure_artifact(folder, chain["form"], eval_cfg, texts, prompts, bandwidth)
         entry |= {"recipe": f.stem, "steps": [s["technique"] for s in chain["steps"]],
                   "build_seconds": round(time.time() - t0, 1), "distill_tokens": distill_tokens(store, chain),
-                  "note": spec.get("note", "")}
+                  "note": spec.get("note", ""), "verdicts": step_verdicts(store, chain)}
         entry["vs_teacher"] = _ratios(entry, section["teacher"])
         if spec["role"] == "teacher_onnx":
             section["teacher_onnx"] = entry
