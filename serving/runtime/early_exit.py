@@ -403,5 +403,7 @@ def stage_model_code(dest: "str | os.PathLike") -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(here.parent / "triton_models" / "llm_early_exit" / "model.py", dest / "model.py")
+    # The early-exit model subclasses llm_generate's, which it imports from beside itself.
+    shutil.copy2(here.parent / "triton_models" / "llm_generate" / "model.py", dest / "generate_model.py")
     shutil.copy2(here / "early_exit.py", dest / "early_exit.py")
     return dest

@@ -81,7 +81,7 @@ def test_early_exit_model_serves_text_with_the_exits_when_loaded_from_a_version_
     m = _initialize(mod, version_dir, exit_threshold="0.0", intra_op_threads="1")
 
     assert Path(sys.modules["early_exit"].__file__).parent == version_dir  # the copy, not the source tree
-    assert sorted(p.name for p in version_dir.glob("*.py")) == ["early_exit.py", "generator.py", "model.py"]
+    assert sorted(p.name for p in version_dir.glob("*.py")) == ["early_exit.py", "generate_model.py", "generator.py", "model.py"]
     out = m.execute([req("The city council", max_tokens=3), req("Shares rose", "Heavy rain", max_tokens=2)])
     assert [r.error for r in out] == [None, None]
     assert len(out[0].text()) == 1 and len(out[1].text()) == 2

@@ -2,8 +2,9 @@
 
 The same request contract as ``llm_generate``, served from a ``tasks.early_exit`` export (segment
 graphs, ``head.onnx``, ``trimflow_early_exit.json``). Runs inside the Triton python stub with the
-serving environment: it must not import ``serving`` or ``tasks``; ``early_exit.py`` and
-``generator.py`` are copied beside this file in each version folder.
+serving environment: it must not import ``serving`` or ``tasks``; ``early_exit.py``, ``generator.py``
+and ``llm_generate``'s model.py (as ``generate_model.py``, whose request handling this model reuses)
+are copied beside this file in each version folder.
 
     inputs : text_input TYPE_STRING [1]; optional max_tokens TYPE_INT32 [1], temperature TYPE_FP32 [1]
     output : text_output TYPE_STRING [1]
@@ -16,42 +17,43 @@ token still meets the calibrated confidence; bigger batches exit less often.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+
+def _generate_model():
+    """``llm_generate``'s model.py: copied beside this file as ``generate_model.py`` in a version
+    folder; read from the source tree otherwise (unit tests)."""
+    path = _HERE / "generate_model.py"
+    if not path.is_file():
+        path = _HERE.parent / "llm_generate" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"{__name__}_generate", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
 try:
     from early_exit import EarlyExitLM  # the copy in this version folder
 except ImportError:  # the source tree (unit tests)
     from serving.runtime.early_exit import EarlyExitLM
 
-
-class RequestError(ValueError):
-    """A problem with one request: it gets an error response, the rest of the batch carries on."""
-
-
-@dataclass(frozen=True)
-class Row:
-    request: int
-    prompt_ids: tuple[int, ...]
-    max_tokens: int
-    temperature: float
+_generate = _generate_model()
+pb_utils = _generate.pb_utils
+RequestError, Row, _param = _generate.RequestError, _generate.Row, _generate._param
 
 
-def _param(cfg: dict, key: str, default: str) -> str:
-    return cfg.get("parameters", {}).get(key, {}).get("string_value", default) or default
+class TritonPythonModel(_generate.TritonPythonModel):
+    """``llm_generate``'s request handling and batching over an ``EarlyExitLM``."""
 
-
-class TritonPythonModel:
-    """Greedy/sampled generation with exits; one batched decode per temperature group per ``execute``."""
+    NAME = "llm_early_exit"
 
     def initialize(self, args: dict) -> None:
         cfg = json.loads(args["model_config"])
@@ -69,101 +71,6 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"llm_early_exit {args['model_name']} v{args['model_version']}: "
                                  f"{self.lm.meta.num_layers} layers, exits after {list(self.lm.meta.exit_layers)}, "
                                  f"{self.lm.meta.measure} threshold {self.lm.threshold:.4g}, providers {providers}")
-
-    def setup(self, lm, default_max_tokens: int = 16, max_tokens_limit: int = 256) -> None:
-        """Everything ``initialize`` decides, callable with any generator (tests use a fake one)."""
-        self.lm = lm
-        self.default_max_tokens = default_max_tokens
-        self.max_tokens_limit = max_tokens_limit
-
-    def _optional(self, request, name: str, rows: int, default, cast):
-        t = pb_utils.get_input_tensor_by_name(request, name)
-        if t is None:
-            return [default] * rows
-        values = t.as_numpy().reshape(-1)
-        if values.size != rows:
-            raise RequestError(f"{name} has {values.size} values for {rows} prompts")
-        return [cast(v) for v in values]
-
-    def parse(self, index: int, request) -> list[Row]:
-        """The rows of one request.
-
-        Raises:
-            RequestError: empty prompt, bad max_tokens/temperature, or too long for the model.
-        """
-        texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
-        max_tokens = self._optional(request, "max_tokens", len(texts), self.default_max_tokens, int)
-        temps = self._optional(request, "temperature", len(texts), 0.0, float)
-        rows = []
-        for raw, mt, temp in zip(texts, max_tokens, temps):
-            try:
-                text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-            except UnicodeDecodeError as e:
-                raise RequestError(f"text_input is not UTF-8: {e}") from e
-            ids = self.lm.encode(text)
-            if not ids:
-                raise RequestError("empty prompt: text_input must contain at least one token")
-            if not 1 <= mt <= self.max_tokens_limit:
-                raise RequestError(f"max_tokens={mt} must be in [1, {self.max_tokens_limit}]")
-            if not math.isfinite(temp) or temp < 0:
-                raise RequestError(f"temperature={temp} must be a finite number >= 0")
-            if len(ids) + mt > self.lm.meta.max_positions:
-                raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {mt} exceeds the model's "
-                                   f"{self.lm.meta.max_positions} positions")
-            rows.append(Row(index, tuple(ids), mt, temp))
-        return rows
-
-    def run(self, rows: list[Row]) -> dict[int, list[str] | Exception]:
-        """Generate for every row; per request its texts (in row order) or its error.
-
-        Rows are grouped by temperature (one sampler temperature per step); each group decodes to its
-        longest ``max_tokens`` and rows are cut to their own, which greedy decoding allows.
-        """
-        groups: dict[float, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row.temperature, []).append(i)
-        texts: dict[int, str] = {}
-        failed: dict[int, Exception] = {}
-        for temp, members in groups.items():
-            longest = max(rows[i].max_tokens for i in members)
-            try:
-                out = self.lm.generate_ids([list(rows[i].prompt_ids) for i in members], longest, temperature=temp)
-            except Exception as e:  # an onnxruntime failure fails this group's requests, not the server
-                pb_utils.Logger.log_error(f"llm_early_exit: batch of {len(members)} failed: {e!r}")
-                for i in members:
-                    failed.setdefault(rows[i].request, e)
-                continue
-            for i, ids in zip(members, out):
-                texts[i] = self.lm.decode(ids[: rows[i].max_tokens])
-        result: dict[int, list[str] | Exception] = {}
-        for i, row in enumerate(rows):
-            if row.request in failed:
-                result[row.request] = failed[row.request]
-            else:
-                result.setdefault(row.request, []).append(texts[i])  # type: ignore[union-attr]
-        return result
-
-    def execute(self, requests):
-        rows: list[Row] = []
-        errors: dict[int, Exception] = {}
-        for index, request in enumerate(requests):
-            try:
-                rows += self.parse(index, request)
-            except RequestError as e:
-                errors[index] = e
-        results = self.run(rows) if rows else {}
-        responses = []
-        for index in range(len(requests)):
-            outcome = errors.get(index) or results.get(index, [])
-            if isinstance(outcome, Exception):
-                bad_input = isinstance(outcome, RequestError)
-                code = pb_utils.TritonError.INVALID_ARG if bad_input else pb_utils.TritonError.INTERNAL
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{type(outcome).__name__}: {outcome}", code)))
-                continue
-            arr = np.array([[t.encode("utf-8")] for t in outcome], dtype=np.object_)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", arr)]))
-        return responses
 
     def finalize(self) -> None:
         if self.lm is not None and hasattr(self.lm, "stats"):

@@ -48,6 +48,8 @@ def _param(cfg: dict, key: str, default: str) -> str:
 class TritonPythonModel:
     """Greedy/sampled generation; one batched decode per temperature group per ``execute``."""
 
+    NAME = "llm_generate"  # in log lines; llm_early_exit subclasses this model
+
     def initialize(self, args: dict) -> None:
         cfg = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -128,7 +130,7 @@ class TritonPythonModel:
             try:
                 out = self.lm.generate_ids([list(rows[i].prompt_ids) for i in members], longest, temperature=temp)
             except Exception as e:  # an onnxruntime failure fails this group's requests, not the server
-                pb_utils.Logger.log_error(f"llm_generate: batch of {len(members)} failed: {e!r}")
+                pb_utils.Logger.log_error(f"{self.NAME}: batch of {len(members)} failed: {e!r}")
                 for i in members:
                     failed.setdefault(rows[i].request, e)
                 continue
