@@ -29,6 +29,7 @@ FAILED = "_failed"
 SERVING_DIR = Path(__file__).resolve().parent
 MODEL_CODE = SERVING_DIR / "triton_models" / "llm_generate"
 GENERATOR = SERVING_DIR / "runtime" / "generator.py"
+EARLY_EXIT_META = "trimflow_early_exit.json"  # an early-exit export is served by the llm_early_exit model
 REQUIRED_FILES = ("tokenizer.json", "trimflow_model.json")
 OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json",
                   "chat_template.jinja")
@@ -65,6 +66,8 @@ def stage_version(source_dir: Path, dest: Path, onnx_file: str | None = None, mo
         DeployError: listing every file the source lacks.
     """
     source_dir, dest = Path(source_dir), Path(dest)
+    if (source_dir / EARLY_EXIT_META).is_file():
+        return _stage_early_exit(source_dir, dest)
     missing = [n for n in REQUIRED_FILES if not (source_dir / n).is_file()]
     meta = {}
     if "trimflow_model.json" not in missing:
@@ -87,6 +90,25 @@ def stage_version(source_dir: Path, dest: Path, onnx_file: str | None = None, mo
         shutil.copy2(source_dir / name, dest / name)
     meta["onnx_file"] = onnx_name
     (dest / "trimflow_model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return tree_digest(dest)
+
+
+def _stage_early_exit(source_dir: Path, dest: Path) -> str:
+    """A version folder for a ``tasks.early_exit`` export: the ``llm_early_exit`` model, its runtime
+    modules and every file the export's metadata names (segments, head, tokenizer)."""
+    from serving.runtime.early_exit import export_files, stage_model_code
+
+    try:
+        names = export_files(source_dir)
+    except Exception as e:
+        raise DeployError(f"cannot build a model version from early-exit export {source_dir}: {e}") from e
+    missing = [n for n in names if not (source_dir / n).is_file()]
+    if missing:
+        raise DeployError(f"cannot build a model version from {source_dir}: missing {', '.join(missing)}")
+    stage_model_code(dest)
+    shutil.copy2(GENERATOR, dest / "generator.py")
+    for name in names + [n for n in OPTIONAL_FILES if (source_dir / n).is_file()]:
+        shutil.copy2(source_dir / name, dest / name)
     return tree_digest(dest)
 
 

@@ -13,12 +13,21 @@ from mlflow.models import set_model
 
 
 class TrimflowLLM(mlflow.pyfunc.PythonModel):
-    """Greedy generation with the exported ONNX decoder in artifact ``onnx``."""
+    """Greedy generation with the exported ONNX decoder in artifact ``onnx`` (exits honoured when
+    the artifact is an ``early_exit`` export)."""
 
     def load_context(self, context):
-        from serving.runtime.generator import OnnxCausalLM
+        from pathlib import Path
 
-        self.lm = OnnxCausalLM(context.artifacts["onnx"])
+        folder = Path(context.artifacts["onnx"])
+        if (folder / "trimflow_early_exit.json").is_file():
+            from serving.runtime.early_exit import EarlyExitLM
+
+            self.lm = EarlyExitLM(folder)
+        else:
+            from serving.runtime.generator import OnnxCausalLM
+
+            self.lm = OnnxCausalLM(folder)
 
     def predict(self, context, model_input, params=None):
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)

@@ -437,6 +437,11 @@ def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candid
                 "response_cache": bool(running.get("response_cache", {}).get("enable", False)),
                 "continuous_batching": None, "repository": repo.uri(name), "http_url": server.http_url,
                 "grpc_url": server.grpc_url, "smoke": result.get("smoke_test")}
+    if (cand_dir / "trimflow_early_exit.json").is_file():
+        # The continuous batcher decodes every row through all layers; exits are served by the
+        # batched llm_early_exit model alone (serving.repository stages it for such an export).
+        log.info("deploy: early-exit export: %s serves it with exits; no streaming model", name)
+        stream = None
     smoke = dict(smoke_prompt=cfg.deploy.smoke_prompt, smoke_max_tokens=cfg.deploy.smoke_max_tokens)
     results: dict[str, Any] = {}
     models = [(name, _serving_spec(cfg), None, RolloutConfig(min_canary_requests=cfg.deploy.canary_requests,

@@ -9,6 +9,7 @@ packaged SmolLM2 in the `ci` profile and checks a real generated response.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,20 @@ def test_optimize_dag_serves_an_encoder_when_recipe_is_for_encoders(stack, tmp_p
     assert versions[0]["tags"]["trimflow.recipe"] == "encoder_distill,export_encoder_onnx,encoder_quantize_int8"
     emb = embed_texts(stack.triton_grpc, "trimflow_encoder", ["The council met.", "Rain fell."])
     assert emb.shape[0] == 2 and abs(float((emb[0] ** 2).sum()) - 1.0) < 1e-3
+
+
+def test_optimize_dag_serves_exits_with_the_early_exit_model_when_recipe_exits_early(stack, tiny_source, tmp_path):
+    recipe = tmp_path / "tiny-early-exit.yaml"
+    recipe.write_text("name: tiny-early-exit\nkind: causal_lm\nsteps:\n"
+                      "  - {technique: early_exit, exit_layers: [1], fit_tokens: 64, calib_tokens: 64, seq_len: 32,"
+                      " eval_windows: 0, speed_prompts: 0, target_agreement: 0.5}\n")
+    result = stack.run({**TINY, "source": str(tiny_source), "recipe": str(recipe), "registered_model": "trimflow-tiny-ee",
+                        "model_name": "tiny_ee"}, "early-exit")
+    assert result["state"] == "success", stack.log_text(result)[-4000:]
+    versions = registry_versions(stack, "trimflow-tiny-ee")
+    assert [v["version"] for v in versions] == [1] and "champion" in versions[0]["aliases"]
+    repo = Path(stack.settings().triton_repository)
+    # The exits travel with the version and the early-exit model serves them; no streaming twin.
+    assert (repo / "tiny_ee" / "1" / "trimflow_early_exit.json").is_file()
+    assert (repo / "tiny_ee" / "1" / "early_exit.py").is_file() and not (repo / "tiny_ee_stream").exists()
+    assert generate_text(stack, "tiny_ee").strip()

@@ -35,17 +35,25 @@ def export(tmp_path_factory):
 
 @pytest.fixture()
 def version_dir(export, tmp_path):
-    """A version folder laid out as the repository writer lays it out: code, runtime modules, export files."""
-    from serving.runtime.early_exit import export_files, stage_model_code
+    """A version folder written by the repository writer: code, runtime modules, export files."""
+    from serving.repository import stage_version
 
     d = tmp_path / "llm_early_exit" / "1"
-    d.mkdir(parents=True)
-    for py in stage_model_code(tmp_path / "code").glob("*.py"):
-        shutil.copy2(py, d / py.name)
-    shutil.copy2(SERVING / "runtime" / "generator.py", d / "generator.py")  # the writer adds it to every version
-    for name in export_files(export):
-        shutil.copy2(export / name, d / name)
+    stage_version(export, d)
     return d
+
+
+def test_repository_writer_refuses_an_early_exit_export_missing_a_segment(export, tmp_path):
+    from serving.repository import stage_version
+    from serving.runtime.early_exit import export_files
+    from tasks.errors import DeployError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    segment = next(n for n in export_files(export) if n.startswith("segment"))
+    (broken / segment).unlink()
+    with pytest.raises(DeployError, match=f"missing {segment}"):
+        stage_version(broken, tmp_path / "v1")
 
 
 @pytest.fixture(autouse=True)
