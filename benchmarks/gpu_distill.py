@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.student:
         layers, steps = (int(x) for x in spec.split(":"))
         spent = time.time() - started
-        per_step = max((s.get("seconds_per_step", 0) for s in report["students"].values()), default=0.0)
+        # Whole seconds per step of the students so far (model build included): never rounds to 0.
+        per_step = max((s["seconds"] / s["steps"] for s in report["students"].values() if "steps" in s),
+                       default=0.0)
         if per_step and spent + per_step * steps * 1.3 > args.budget_s:
             report["students"][spec] = {"skipped": f"{spent:.0f} s spent; about {per_step * steps:.0f} s more "
                                                    f"would pass the {args.budget_s:.0f} s budget"}
