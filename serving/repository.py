@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.runtime import early_exit as early_exit_runtime
 from tasks.errors import DeployError
 from tasks.store import iter_files, parse_s3_uri, s3_client, tree_digest
 
@@ -29,7 +30,7 @@ FAILED = "_failed"
 SERVING_DIR = Path(__file__).resolve().parent
 MODEL_CODE = SERVING_DIR / "triton_models" / "llm_generate"
 GENERATOR = SERVING_DIR / "runtime" / "generator.py"
-EARLY_EXIT_META = "trimflow_early_exit.json"  # an early-exit export is served by the llm_early_exit model
+EARLY_EXIT_META = early_exit_runtime.META  # an early-exit export is served by the llm_early_exit model
 REQUIRED_FILES = ("tokenizer.json", "trimflow_model.json")
 OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json",
                   "chat_template.jinja")
@@ -96,16 +97,14 @@ def stage_version(source_dir: Path, dest: Path, onnx_file: str | None = None, mo
 def _stage_early_exit(source_dir: Path, dest: Path) -> str:
     """A version folder for a ``tasks.early_exit`` export: the ``llm_early_exit`` model, its runtime
     modules and every file the export's metadata names (segments, head, tokenizer)."""
-    from serving.runtime.early_exit import export_files, stage_model_code
-
     try:
-        names = export_files(source_dir)
+        names = early_exit_runtime.export_files(source_dir)
     except Exception as e:
         raise DeployError(f"cannot build a model version from early-exit export {source_dir}: {e}") from e
     missing = [n for n in names if not (source_dir / n).is_file()]
     if missing:
         raise DeployError(f"cannot build a model version from {source_dir}: missing {', '.join(missing)}")
-    stage_model_code(dest)
+    early_exit_runtime.stage_model_code(dest)
     shutil.copy2(GENERATOR, dest / "generator.py")
     for name in names + [n for n in OPTIONAL_FILES if (source_dir / n).is_file()]:
         shutil.copy2(source_dir / name, dest / name)

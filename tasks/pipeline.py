@@ -403,7 +403,7 @@ def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candid
     import tempfile
 
     from serving.loadgen import LoadConfig
-    from serving.repository import ModelRepository
+    from serving.repository import EARLY_EXIT_META, ModelRepository
     from serving.rollout import RolloutConfig, rollout
     from serving.runtime.continuous import stage_model_code
     from serving.server import local_server
@@ -437,7 +437,7 @@ def deploy(conf: dict[str, Any], run_id: str, registered: dict[str, Any], candid
                 "response_cache": bool(running.get("response_cache", {}).get("enable", False)),
                 "continuous_batching": None, "repository": repo.uri(name), "http_url": server.http_url,
                 "grpc_url": server.grpc_url, "smoke": result.get("smoke_test")}
-    if (cand_dir / "trimflow_early_exit.json").is_file():
+    if (cand_dir / EARLY_EXIT_META).is_file():
         # The continuous batcher decodes every row through all layers; exits are served by the
         # batched llm_early_exit model alone (serving.repository stages it for such an export).
         log.info("deploy: early-exit export: %s serves it with exits; no streaming model", name)
