@@ -344,6 +344,10 @@ class ModelRepository:
         """
         if "/" in name or name.split(".")[0].isdigit() or name == CONFIG:
             raise DeployError(f"{name!r} is not a plain file name beside {CONFIG} (use write_config for the config)")
+        return self._put_text(model, name, text)
+
+    def _put_text(self, model: str, name: str, text: str) -> str:
+        """``<model>/<name>`` replaced atomically (a local rename; one S3 PUT); returns where."""
         if not self.is_s3:
             path = self._local(model, name)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,28 +375,10 @@ class ModelRepository:
     # -- config ----------------------------------------------------------------------------
     def write_config(self, model: str, text: str) -> str:
         """Replace ``<model>/config.pbtxt`` atomically; returns its location."""
-        if not self.is_s3:
-            path = self._local(model, CONFIG)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{CONFIG}.{uuid.uuid4().hex}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            return str(path)
-        self.client.put_object(Bucket=self.bucket, Key=self._key(model, CONFIG), Body=text.encode())
-        return self.uri(model, CONFIG)
+        return self._put_text(model, CONFIG, text)
 
     def read_config(self, model: str) -> str | None:
-        if not self.is_s3:
-            p = self._local(model, CONFIG)
-            return p.read_text() if p.is_file() else None
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(model, CONFIG))["Body"].read().decode()
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+        return self.read_text(model, CONFIG)
 
     def remove_config(self, model: str) -> None:
         if not self.is_s3:
