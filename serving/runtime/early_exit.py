@@ -33,9 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 
 try:
-    from generator import OnnxCausalLM  # the copy beside this file in a Triton version folder
+    from generator import OnnxCausalLM, TextIO  # the copy beside this file in a Triton version folder
 except ImportError:  # the source tree
-    from serving.runtime.generator import OnnxCausalLM
+    from serving.runtime.generator import OnnxCausalLM, TextIO
 
 META = "trimflow_early_exit.json"
 FORMAT = "trimflow-early-exit/1"
@@ -121,7 +121,7 @@ class _State:
     layers_used: list[int] = field(default_factory=list)  # per generated token
 
 
-class EarlyExitLM:
+class EarlyExitLM(TextIO):
     """A segmented early-exit export plus its tokenizer, runnable with onnxruntime alone.
 
     Args:
@@ -372,16 +372,6 @@ class EarlyExitLM:
                            "mean_layers_used": float(np.mean(st.layers_used)) if st.layers_used else 0.0,
                            "threshold": self.threshold}
         return out
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, **kw) -> list[str]:
-        ids = self.generate_ids([self.encode(p) for p in prompts], max_new_tokens, **kw)
-        return [self.decode(x) for x in ids]
 
 
 def export_files(model_dir: "str | os.PathLike") -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,7 +41,24 @@ class ModelMeta:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class OnnxCausalLM:
+class TextIO:
+    """Text in and out around ``generate_ids``, for any generator with a ``tokenizers`` tokenizer
+    (``OnnxCausalLM`` here, ``EarlyExitLM`` in early_exit.py)."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, **kw) -> list[str]:
+        ids = self.generate_ids([self.encode(p) for p in prompts], max_new_tokens, **kw)
+        return [self.decode(x) for x in ids]
+
+
+class OnnxCausalLM(TextIO):
     """An exported decoder plus its tokenizer, runnable with onnxruntime alone.
 
     Args:
@@ -148,12 +165,3 @@ class OnnxCausalLM:
             picks[i] = keep[rng.choice(len(keep), p=q)]
         return picks
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, **kw) -> list[str]:
-        ids = self.generate_ids([self.encode(p) for p in prompts], max_new_tokens, **kw)
-        return [self.decode(x) for x in ids]
