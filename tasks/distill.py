@@ -378,6 +378,31 @@ class DistEnv:
         return max(1, available_cores() // max(1, self.local_world))
 
 
+def resume_checkpoint(path: Path, device: str, fingerprint: str, where: str, inputs: str, model, optimizer,
+                      scheduler) -> dict[str, Any] | None:
+    """Load a training checkpoint into ``model``/``optimizer``/``scheduler`` and return it (None: none yet).
+
+    Shared by the LLM and encoder distillations; the caller restores its own counters from the result.
+
+    Raises:
+        ConfigError: the checkpoint belongs to another run (its fingerprint over ``inputs`` differs).
+    """
+    import torch
+
+    if not Path(path).is_file():
+        return None
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if ckpt.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            where, str(path),
+            f"holds a checkpoint of a different run (fingerprint {ckpt.get('fingerprint')}, this run "
+            f"{fingerprint}: {inputs} changed); delete it to start over")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt
+
+
 def distill(cfg: DistillConfig, teacher_dir: Path, train_texts: list[str], out_dir: Path, resume_dir: Path, *,
             src_dir: Path | None = None, keep_zeros: bool = False) -> dict[str, Any]:
     """Distill a student from ``teacher_dir`` starting from ``src_dir``; save it as a HF folder in ``out_dir``.
@@ -709,17 +734,10 @@ class _Training:
     def _maybe_resume(self) -> None:
         import torch
 
-        if not self.path.is_file():
+        ckpt = resume_checkpoint(self.path, self.device, self.fingerprint, "distill resume_dir",
+                                 "config, teacher, source or texts", self.module, self.optimizer, self.scheduler)
+        if ckpt is None:
             return
-        ckpt = torch.load(self.path, map_location=self.device, weights_only=False)
-        if ckpt.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                "distill resume_dir", str(self.path),
-                f"holds a checkpoint of a different run (fingerprint {ckpt.get('fingerprint')}, this run "
-                f"{self.fingerprint}: config, teacher, source or texts changed); delete it to start over")
-        self.module.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if ckpt["rng_cuda"] is not None and self.cuda:
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])

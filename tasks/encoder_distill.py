@@ -376,19 +376,12 @@ class _Training:
         log.info("encoder distill: checkpoint at step %d -> %s", self.step, self.path)
 
     def _maybe_resume(self) -> None:
-        import torch
+        from tasks.distill import resume_checkpoint
 
-        if not self.path.is_file():
+        ckpt = resume_checkpoint(self.path, self.device, self.fingerprint, "encoder_distill resume_dir",
+                                 "config, teacher, layers or texts", self.student, self.optimizer, self.scheduler)
+        if ckpt is None:
             return
-        ckpt = torch.load(self.path, map_location=self.device, weights_only=False)
-        if ckpt.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                "encoder_distill resume_dir", str(self.path),
-                f"holds a checkpoint of a different run (fingerprint {ckpt.get('fingerprint')}, this run "
-                f"{self.fingerprint}: config, teacher, layers or texts changed); delete it to start over")
-        self.student.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = self.resumed_from = int(ckpt["step"])
         self.history = list(ckpt["history"])
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
